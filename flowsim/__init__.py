@@ -1,0 +1,24 @@
+"""flowsim: high-precision gradient flow and gradient descent on homogeneous networks.
+
+Importing flowsim enables JAX's float64 mode (`jax_enable_x64`): every array flowsim creates is
+float64. Set ``FLOWSIM_FLOAT32=1`` before the import to opt out.
+"""
+
+import importlib.metadata
+
+from . import (
+    _precision,  # noqa: F401  (the float64 switch: must run first)
+    data as data,
+    init as init,
+    invariants as invariants,
+    losses as losses,
+    models as models,
+    schedules as schedules,
+)
+from ._descent import DivergenceWarning as DivergenceWarning, gradient_descent as gradient_descent
+from ._trajectory import Trajectory as Trajectory
+
+try:
+    __version__ = importlib.metadata.version("flowsim")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,5 @@
+"""`flowsim reproduce` (placeholder until the reproductions land)."""
+
+
+def add_parsers(sub) -> None:
+    del sub
