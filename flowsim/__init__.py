@@ -15,8 +15,20 @@ from . import (
     models as models,
     schedules as schedules,
 )
+from ._compare import (
+    DiscretizationError as DiscretizationError,
+    discretization_error as discretization_error,
+    modified_flow_loss as modified_flow_loss,
+)
 from ._descent import DivergenceWarning as DivergenceWarning, gradient_descent as gradient_descent
+from ._flow import (
+    FlowFailed as FlowFailed,
+    FlowWarning as FlowWarning,
+    gradient_flow as gradient_flow,
+)
+from ._spectral import sharpness as sharpness
 from ._trajectory import Trajectory as Trajectory
+from . import sweep as sweep  # noqa: E402,I001  (after the solvers it drives)
 
 try:
     __version__ = importlib.metadata.version("flowsim")

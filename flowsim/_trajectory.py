@@ -28,6 +28,7 @@ class Trajectory(eqx.Module):
       unit's balance gap predicted by the GD drift identity, shape `(T, units)` (see
       `flowsim.invariants.gd_drift_ledger`).
     - `learning_rates`: gradient descent only: eta_k for every step k, shape `(steps,)`.
+    - `solver`: gradient flow only: the name of the diffrax solver used.
     """
 
     ts: Float[Array, "*batch time"]
@@ -40,6 +41,7 @@ class Trajectory(eqx.Module):
     ledger: tuple[Float[Array, "*batch time units"], ...] | None = None
     learning_rates: Float[Array, " steps"] | None = None
     batched: bool = eqx.field(static=True, default=False)
+    solver: str | None = eqx.field(static=True, default=None)
 
     @property
     def succeeded(self) -> Bool[Array, "*batch"]:
@@ -72,6 +74,7 @@ class Trajectory(eqx.Module):
             ledger=pick(self.ledger),
             learning_rates=self.learning_rates,
             batched=False,
+            solver=self.solver,
         )
 
     def model_at(self, k: int):

@@ -1,0 +1,278 @@
+"""Gradient flow d theta/dt = -grad L(theta), integrated by diffrax."""
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+
+from ._problem import check_loss, check_model, split_batch
+from ._spectral import sharpness
+from ._trajectory import Trajectory
+
+DENSE_JACOBIAN_MAX = 2000
+"""Largest parameter count for which implicit solvers build the dense Jacobian (LU).
+
+Above it the stage equations are solved matrix-free: Newton's method with GMRES on
+Hessian-vector products. A dense n x n float64 Jacobian costs n JVPs and 8 n^2 bytes per step.
+"""
+
+STIFFNESS_THRESHOLD = 1e4
+"""`solver="auto"` picks an implicit solver when lambda_max(H(theta_0)) * (t1 - t0) exceeds this.
+
+An explicit Runge–Kutta method needs at least ~lambda_max (t1 - t0) / 3.3 steps for stability
+alone (Tsit5's stability interval on the negative real axis is about [-3.3, 0]), whatever the
+tolerance. Below 1e4 that bound is a few thousand steps, comparable to what accuracy at
+rtol ~ 1e-10 needs anyway; above it, stability dominates and an L-stable implicit method wins.
+"""
+
+GMRES_RTOL = 1e-3
+"""Relative residual at which GMRES stops inside each Newton iteration (matrix-free path).
+
+Inexact Newton: the linear solve only sets the Newton direction; the nonlinear residual is
+checked exactly by Newton's own stopping rule (tied to the step controller's tolerances), so the
+stage solution's accuracy does not depend on this value, only the number of Newton iterations
+does. See benchmarks/work_precision.py for the measurement behind the choice.
+"""
+
+_EXPLICIT = {
+    "tsit5": dfx.Tsit5,
+    "dopri5": dfx.Dopri5,
+    "dopri8": dfx.Dopri8,
+    "bosh3": dfx.Bosh3,
+}
+_IMPLICIT = {
+    "kvaerno3": dfx.Kvaerno3,
+    "kvaerno4": dfx.Kvaerno4,
+    "kvaerno5": dfx.Kvaerno5,
+}
+SOLVERS = ("auto", *_EXPLICIT, *_IMPLICIT)
+
+# New vector-field evaluations per attempted step (first-same-as-last counted once).
+_STAGES = {dfx.Tsit5: 6, dfx.Dopri5: 6, dfx.Dopri8: 13, dfx.Bosh3: 3}
+
+
+class FlowFailed(RuntimeError):
+    """A gradient-flow solve did not reach t1 (with `throw=True`)."""
+
+
+def _n_params(params, batched: bool) -> int:
+    leaves = jax.tree.leaves(params)
+    return sum(math.prod(x.shape[1:] if batched else x.shape) for x in leaves)
+
+
+def _implicit(cls, n_params: int):
+    if n_params <= DENSE_JACOBIAN_MAX:
+        return cls()
+    root_finder = dfx.with_stepsize_controller_tols(optx.Newton)(
+        linear_solver=lx.GMRES(rtol=GMRES_RTOL, atol=0.0, restart=20, max_steps=200),
+        cauchy_termination=False,
+    )
+    return cls(root_finder=root_finder)
+
+
+def make_solver(name: str, n_params: int):
+    """The diffrax solver for a shortcut name (implicit ones matrix-free above a size)."""
+    if name in _EXPLICIT:
+        return _EXPLICIT[name]()
+    if name in _IMPLICIT:
+        return _implicit(_IMPLICIT[name], n_params)
+    raise ValueError(f"`solver` must be a diffrax solver or one of {', '.join(SOLVERS)}, got {name!r}")
+
+
+def _auto(model, loss, t0, t1, n_params, batched):
+    """Stiff or explicit from the sharpness at theta_0 against the horizon (see STIFFNESS_THRESHOLD)."""
+    if batched:
+        lam = eqx.filter_vmap(lambda m: sharpness(m, loss))(model)
+        lam = float(jnp.max(lam))
+    else:
+        lam = float(sharpness(model, loss))
+    name = "kvaerno5" if lam * abs(t1 - t0) > STIFFNESS_THRESHOLD else "tsit5"
+    return name, lam
+
+
+def _is_implicit(solver) -> bool:
+    return isinstance(solver, dfx.AbstractImplicitSolver)
+
+
+@eqx.filter_jit
+def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched):
+    def vector_field(t, p, args):
+        del t, args
+        g = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))(p)
+        return jax.tree.map(jnp.negative, g)
+
+    term = dfx.ODETerm(vector_field)
+
+    def single(p):
+        sol = dfx.diffeqsolve(
+            term, solver, t0, t1, dt0, p,
+            saveat=dfx.SaveAt(subs=[
+                dfx.SubSaveAt(ts=ts),
+                dfx.SubSaveAt(t1=True, fn=lambda t, y, args: t),
+            ]),
+            stepsize_controller=controller,
+            max_steps=max_steps,
+            throw=False,
+        )
+        saved, t_reached = sol.ys
+        losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))(saved)
+        stats = {
+            "num_steps": sol.stats["num_steps"],
+            "num_accepted_steps": sol.stats["num_accepted_steps"],
+            "num_rejected_steps": sol.stats["num_rejected_steps"],
+            "t_reached": t_reached[-1],
+        }
+        return saved, losses, sol.result._value, stats
+
+    if batched:
+        single = jax.vmap(single)
+    return single(params)
+
+
+def gradient_flow(
+    model,
+    loss,
+    t1: float,
+    *,
+    t0: float = 0.0,
+    ts: Sequence[float] | jax.Array | None = None,
+    solver="auto",
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    max_steps: int = 100_000,
+    dt0: float | None = None,
+    batched: bool = False,
+    throw: bool = True,
+) -> Trajectory:
+    """Integrates the gradient flow d theta/dt = -grad L(theta) of an Equinox model with diffrax.
+
+    The state is the model's arrays; diffrax's adaptive step control (PID controller on
+    `rtol`/`atol`) does the integration and the flow is saved at `ts`.
+
+    **Arguments:**
+
+    - `model`: an Equinox model (batched: arrays with a leading batch axis, see
+      `flowsim.init.batch`).
+    - `loss`: a callable `model -> scalar`, e.g. from `flowsim.losses`.
+    - `t1`: final time; `t0` the initial one.
+    - `ts`: save times in [t0, t1] (increasing); default `(t0, t1)`.
+    - `solver`: a diffrax solver instance, or a name: `"tsit5"`, `"dopri5"`, `"dopri8"`,
+      `"bosh3"` (explicit), `"kvaerno3"`, `"kvaerno4"`, `"kvaerno5"` (L-stable ESDIRK, for stiff
+      problems; their Jacobian is -Hessian, dense up to `DENSE_JACOBIAN_MAX` parameters and
+      matrix-free — Newton with GMRES on Hessian-vector products — above), or `"auto"`:
+      Kvaerno5 if sharpness(theta_0) * (t1 - t0) > `STIFFNESS_THRESHOLD`, else Tsit5.
+    - `rtol`, `atol`: the step controller's tolerances.
+    - `max_steps`: bound on the number of steps (static; failure beyond it).
+    - `dt0`: initial step; default chosen by diffrax.
+    - `batched`: integrate a batch of initialisations in one compiled call (vmap).
+    - `throw`: raise `FlowFailed` if any trajectory fails; with `throw=False` failures are
+      marked in `Trajectory.result` and the other trajectories are kept.
+
+    Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
+    ones interpolate with their own high-order dense output.
+
+    **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `result` (0 = success) and
+    `stats` (`num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_grad_evals` for
+    explicit solvers, and the `solver` used).
+
+    **Raises:** `ValueError` for bad arguments; `FlowFailed` (with `throw=True`) naming the cause.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp, jax.random as jr, flowsim
+    M = jnp.diag(jnp.array([3.0, 1.0]))
+    mf = flowsim.models.MatrixFactorization.random(2, 2, 2, scale=0.1, key=jr.key(0))
+    traj = flowsim.gradient_flow(mf, flowsim.losses.factorization(M), 10.0)
+    float(traj.loss[-1])  # ~1e-17
+    ```
+    """
+    t0, t1 = float(t0), float(t1)
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise ValueError(f"`t1` must be finite and greater than t0={t0}, got {t1}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
+            raise ValueError(f"`{name}` must be a positive float, got {tol!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch = check_model(params, batched)
+    check_loss(loss, split_batch(params, static, batched))
+    dtype = jax.tree.leaves(params)[0].dtype
+    if ts is None:
+        ts_arr = np.array([t0, t1])
+    else:
+        ts_arr = np.asarray(ts, dtype=np.float64)
+        if ts_arr.ndim != 1 or ts_arr.size == 0:
+            raise ValueError(f"`ts` must be a non-empty 1-d sequence of times, got shape {ts_arr.shape}")
+        if np.any(np.diff(ts_arr) < 0) or ts_arr[0] < t0 or ts_arr[-1] > t1:
+            raise ValueError(f"`ts` must be non-decreasing and within [t0, t1] = [{t0}, {t1}]")
+    n_params = _n_params(params, batched)
+    chosen = solver
+    if isinstance(solver, str):
+        if solver == "auto":
+            chosen, _ = _auto(model, loss, t0, t1, n_params, batched)
+        solver = make_solver(chosen, n_params)
+    elif not isinstance(solver, dfx.AbstractSolver):
+        raise TypeError(f"`solver` must be a diffrax solver or a name in {SOLVERS}, got {solver!r}")
+    controller = dfx.PIDController(rtol=rtol, atol=atol)
+    if _is_implicit(solver):
+        # PI control is smoother on stiff problems (diffrax's recommendation for implicit solvers).
+        controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
+        controller = dfx.ClipStepSizeController(controller, step_ts=ts_arr)
+    ts_j = jnp.asarray(ts_arr, dtype)
+    saved, losses, result, stats = _flow_solve(
+        params, static, loss, solver, controller, jnp.asarray(t0, dtype), jnp.asarray(t1, dtype),
+        ts_j, None if dt0 is None else jnp.asarray(dt0, dtype), max_steps, batched,
+    )
+    stages = _STAGES.get(type(solver))
+    if stages is not None:
+        stats = dict(stats, num_grad_evals=stages * stats["num_steps"] + 1)
+    stats = dict(stats, max_steps=jnp.full_like(result, max_steps))
+    traj = Trajectory(
+        ts=jnp.broadcast_to(ts_j, (batch, ts_j.shape[0])) if batched else ts_j,
+        models=eqx.combine(saved, static),
+        loss=losses,
+        result=result,
+        stats=stats,
+        batched=batched,
+        solver=type(solver).__name__,
+    )
+    _report_failures(traj, throw, max_steps)
+    return traj
+
+
+def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:
+    result = np.atleast_1d(np.asarray(traj.result))
+    bad = np.flatnonzero(result != 0)
+    if bad.size == 0:
+        return
+    msgs = []
+    for i in bad[:5]:
+        code = int(result[i])
+        msgs.append(f"trajectory {i}: {_result_message(code)}")
+    advice = (
+        f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff solver "
+        f"(solver='kvaerno5') if the problem is stiff; pass throw=False to keep the other results"
+    )
+    text = f"gradient flow failed: {'; '.join(msgs)}{' ...' if bad.size > 5 else ''}. {advice}"
+    if throw:
+        raise FlowFailed(text)
+    warnings.warn(text, FlowWarning, stacklevel=3)
+
+
+class FlowWarning(RuntimeWarning):
+    """Some trajectories of a gradient-flow solve failed (`throw=False`)."""
+
+
+def _result_message(code: int) -> str:
+    messages = dfx.RESULTS._index_to_message
+    msg = messages[code] if 0 <= code < len(messages) else f"result code {code}"
+    return msg.split("\n")[0].rstrip(".")
