@@ -12,6 +12,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from ._kinks import kink_flow, supports_kinks
 from ._problem import check_loss, check_model, split_batch
 from ._spectral import sharpness
 from ._trajectory import Trajectory
@@ -83,11 +84,13 @@ def make_solver(name: str, n_params: int):
         return _EXPLICIT[name]()
     if name in _IMPLICIT:
         return _implicit(_IMPLICIT[name], n_params)
-    raise ValueError(f"`solver` must be a diffrax solver or one of {', '.join(SOLVERS)}, got {name!r}")
+    raise ValueError(
+        f"`solver` must be a diffrax solver or one of {', '.join(SOLVERS)}, got {name!r}"
+    )
 
 
 def _auto(model, loss, t0, t1, n_params, batched):
-    """Stiff or explicit from the sharpness at theta_0 against the horizon (see STIFFNESS_THRESHOLD)."""
+    """Stiff or explicit: sharpness at theta_0 against the horizon (see STIFFNESS_THRESHOLD)."""
     if batched:
         lam = eqx.filter_vmap(lambda m: sharpness(m, loss))(model)
         lam = float(jnp.max(lam))
@@ -150,6 +153,8 @@ def gradient_flow(
     dt0: float | None = None,
     batched: bool = False,
     throw: bool = True,
+    kinks: str = "auto",
+    max_events: int = 10_000,
 ) -> Trajectory:
     """Integrates the gradient flow d theta/dt = -grad L(theta) of an Equinox model with diffrax.
 
@@ -174,6 +179,13 @@ def gradient_flow(
     - `batched`: integrate a batch of initialisations in one compiled call (vmap).
     - `throw`: raise `FlowFailed` if any trajectory fails; with `throw=False` failures are
       marked in `Trajectory.result` and the other trajectories are kept.
+    - `kinks`: how ReLU kinks are integrated. `"exact"`: piece by piece on fixed activation
+      patterns, with every pattern change located as an event and Filippov sliding along kinks
+      (see docs/kinks.md; needs a ReLU / leaky-ReLU model and a loss with inputs `X`, as from
+      `flowsim.losses`); `"smooth"`: hand the discontinuous vector field to the adaptive solver
+      as it is (fast where few kinks are crossed; stalls in a sliding mode, which is then
+      reported as a max_steps failure); `"auto"` (default): exact where supported.
+    - `max_events`: with exact kinks, the most pattern changes before the solve is failed.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
@@ -211,7 +223,9 @@ def gradient_flow(
     else:
         ts_arr = np.asarray(ts, dtype=np.float64)
         if ts_arr.ndim != 1 or ts_arr.size == 0:
-            raise ValueError(f"`ts` must be a non-empty 1-d sequence of times, got shape {ts_arr.shape}")
+            raise ValueError(
+                f"`ts` must be a non-empty 1-d sequence of times, got shape {ts_arr.shape}"
+            )
         if np.any(np.diff(ts_arr) < 0) or ts_arr[0] < t0 or ts_arr[-1] > t1:
             raise ValueError(f"`ts` must be non-decreasing and within [t0, t1] = [{t0}, {t1}]")
     n_params = _n_params(params, batched)
@@ -228,13 +242,20 @@ def gradient_flow(
         controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
         controller = dfx.ClipStepSizeController(controller, step_ts=ts_arr)
     ts_j = jnp.asarray(ts_arr, dtype)
-    saved, losses, result, stats = _flow_solve(
-        params, static, loss, solver, controller, jnp.asarray(t0, dtype), jnp.asarray(t1, dtype),
-        ts_j, None if dt0 is None else jnp.asarray(dt0, dtype), max_steps, batched,
-    )
-    stages = _STAGES.get(type(solver))
-    if stages is not None:
-        stats = dict(stats, num_grad_evals=stages * stats["num_steps"] + 1)
+    if _use_kinks(kinks, split_batch(params, static, batched), loss):
+        saved, losses, result, stats = _kink_solve(
+            params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
+            batch if batched else None,
+        )
+    else:
+        saved, losses, result, stats = _flow_solve(
+            params, static, loss, solver, controller, jnp.asarray(t0, dtype),
+            jnp.asarray(t1, dtype), ts_j, None if dt0 is None else jnp.asarray(dt0, dtype),
+            max_steps, batched,
+        )
+        stages = _STAGES.get(type(solver))
+        if stages is not None:
+            stats = dict(stats, num_grad_evals=stages * stats["num_steps"] + 1)
     stats = dict(stats, max_steps=jnp.full_like(result, max_steps))
     traj = Trajectory(
         ts=jnp.broadcast_to(ts_j, (batch, ts_j.shape[0])) if batched else ts_j,
@@ -247,6 +268,45 @@ def gradient_flow(
     )
     _report_failures(traj, throw, max_steps)
     return traj
+
+
+def _use_kinks(kinks: str, model, loss) -> bool:
+    if kinks not in ("auto", "exact", "smooth"):
+        raise ValueError(f"`kinks` must be 'auto', 'exact' or 'smooth', got {kinks!r}")
+    supported = supports_kinks(model, loss)
+    if kinks == "exact" and not supported:
+        raise ValueError(
+            "kinks='exact' needs a ReLU or leaky-ReLU model from flowsim.models and a loss "
+            "with inputs X (flowsim.losses.square or logistic); use kinks='smooth'"
+        )
+    return supported and kinks != "smooth"
+
+
+def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps, max_events,
+                batch):
+    members = [None] if batch is None else range(batch)
+    outs, stats, results = [], [], []
+    for i in members:
+        p = params if i is None else jax.tree.map(lambda x, i=i: x[i], params)
+        out, st, res, _ = kink_flow(eqx.combine(p, static), loss, t0, t1, ts, solver, controller,
+                                    max_steps, max_events)
+        outs.append(out)
+        stats.append(st)
+        results.append(res)
+    saved = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *outs)
+    losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))
+    if batch is None:
+        saved = jax.tree.map(lambda x: x[0], saved)
+        loss_vals = losses(saved)
+    else:
+        loss_vals = jax.vmap(losses)(saved)
+    keys = stats[0].keys()
+    stat_arr = {k: jnp.asarray([s[k] for s in stats]) for k in keys}
+    result = jnp.asarray(results, jnp.int32)
+    if batch is None:
+        stat_arr = {k: v[0] for k, v in stat_arr.items()}
+        result = result[0]
+    return saved, loss_vals, result, stat_arr
 
 
 def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:
@@ -273,6 +333,10 @@ class FlowWarning(RuntimeWarning):
 
 
 def _result_message(code: int) -> str:
+    if code == -1:
+        return "more kink events than max_events; raise max_events or use kinks='smooth'"
+    if code == -2:
+        return "the piecewise solve stopped before t1"
     messages = dfx.RESULTS._index_to_message
     msg = messages[code] if 0 <= code < len(messages) else f"result code {code}"
     return msg.split("\n")[0].rstrip(".")

@@ -29,6 +29,23 @@ def apply_activation(name: str, x: Array, negative_slope: float) -> Array:
     return jnp.tanh(x)
 
 
+def patterned_activation(name: str, z: Array, mask: Array, negative_slope: float) -> Array:
+    """The activation with its slope on each entry fixed by `mask` in [0, 1] instead of sign(z).
+
+    For ReLU the slope is `mask` (1 active, 0 inactive, in between on a kink); for leaky ReLU
+    `negative_slope + (1 - negative_slope) * mask`. On the activation pattern sign(z) this equals
+    the activation itself; it is linear in z, so the loss is a polynomial in the weights while
+    the pattern is held fixed.
+    """
+    if name == "relu":
+        return mask * z
+    if name == "leaky_relu":
+        return (negative_slope + (1 - negative_slope) * mask) * z
+    if name == "linear":
+        return z
+    raise ValueError(f"activation {name!r} is not piecewise linear; it has no activation pattern")
+
+
 class AbstractModel(eqx.Module):
     """A network whose parameters come in layers, with hidden units between them.
 
@@ -62,6 +79,21 @@ class AbstractModel(eqx.Module):
     @abc.abstractmethod
     def __call__(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
         """The network applied to a batch of inputs (leading axis: samples)."""
+
+    def forward(self, x, pattern=None) -> tuple[Array, tuple[Array, ...]]:
+        """The output and the pre-activations of every hidden layer, optionally on a fixed pattern.
+
+        `pattern`: `None`, or one array per hidden layer shaped like its pre-activations, with
+        the slope choice in [0, 1] of each entry (see `patterned_activation`). Models with
+        piecewise-linear activations implement it; it drives the exact integration through
+        ReLU kinks.
+        """
+        raise TypeError(f"{type(self).__name__} does not expose its activation pattern")
+
+    @property
+    def is_piecewise_linear(self) -> bool:
+        """True when every activation is linear, ReLU or leaky ReLU (kinks, no curvature)."""
+        return all(a in _HOMOGENEOUS for a in self.activations)
 
     @property
     def is_homogeneous(self) -> bool:

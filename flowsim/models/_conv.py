@@ -9,7 +9,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import default_dtype
-from ._base import AbstractModel, apply_activation, check_activation
+from ._base import AbstractModel, apply_activation, check_activation, patterned_activation
 
 
 class ConvNet(AbstractModel):
@@ -115,14 +115,22 @@ class ConvNet(AbstractModel):
         return tuple(units)
 
     def __call__(self, x):
+        return self.forward(x)[0]
+
+    def forward(self, x, pattern=None):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(
                 f"inputs must have shape (n, {', '.join(map(str, self.in_shape))}), got {x.shape}"
             )
-        for k in self.filters:
+        pre = []
+        for h, k in enumerate(self.filters):
             x = jax.lax.conv_general_dilated(
                 x, k, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"),
                 precision=jax.lax.Precision.HIGHEST,
             )
-            x = apply_activation(self.activation, x, self.negative_slope)
-        return x.reshape(x.shape[0], -1) @ self.head.T
+            pre.append(x)
+            if pattern is None:
+                x = apply_activation(self.activation, x, self.negative_slope)
+            else:
+                x = patterned_activation(self.activation, x, pattern[h], self.negative_slope)
+        return x.reshape(x.shape[0], -1) @ self.head.T, tuple(pre)

@@ -70,6 +70,10 @@ class MatrixFactorization(AbstractModel):
         return self.U @ jnp.swapaxes(self.V, -1, -2)
 
     def __call__(self, x):
+        return self.forward(x)[0]
+
+    def forward(self, x, pattern=None):
+        del pattern  # linear: no kinks
         if x.ndim != 2 or x.shape[1] != self.V.shape[0]:
             raise ValueError(f"inputs must have shape (n, {self.V.shape[0]}), got {x.shape}")
-        return (x @ self.V) @ self.U.T
+        return (x @ self.V) @ self.U.T, ()

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._precision import default_dtype
-from ._base import AbstractModel, apply_activation, check_activation
+from .._precision import as_float_array, default_dtype
+from ._base import AbstractModel, apply_activation, check_activation, patterned_activation
 
 
 class MLP(AbstractModel):
@@ -23,7 +23,7 @@ class MLP(AbstractModel):
 
     - `sizes`: layer widths `(d_in, h_1, ..., d_out)`, at least two entries.
     - `activation`: `"linear"`, `"relu"`, `"leaky_relu"` (positively homogeneous: the balancing
-      invariants hold) or `"tanh"` (not homogeneous; provided to show that the invariants then drift).
+      invariants hold) or `"tanh"` (not homogeneous: shows that the invariants then drift).
     - `init_std`: standard deviation of the Gaussian weights: `None` for 1/sqrt(fan_in), a float for
       all layers, or a sequence with one value per layer (e.g. a balanced initialisation).
     - `negative_slope`: slope of leaky ReLU for negative inputs.
@@ -96,8 +96,8 @@ class MLP(AbstractModel):
         negative_slope: float = 0.01,
         use_bias: bool = False,
     ) -> "MLP":
-        """Builds an MLP from given weight matrices (shapes `(out, in)`, or `(out, in+1)` with bias)."""
-        weights = tuple(jnp.asarray(w) for w in weights)
+        """An MLP from given weight matrices, shapes `(out, in)` (or `(out, in+1)` with bias)."""
+        weights = tuple(as_float_array(w, "weights") for w in weights)
         extra = 1 if use_bias else 0
         if not weights or any(w.ndim != 2 for w in weights):
             raise ValueError("`weights` must be a non-empty sequence of 2-d arrays")
@@ -108,9 +108,10 @@ class MLP(AbstractModel):
                     f"`weights[{h}]` of shape {w.shape}"
                 )
         sizes = (weights[0].shape[1] - extra,) + tuple(w.shape[0] for w in weights)
-        template = cls(
-            sizes, activation, init_std=0.0, negative_slope=negative_slope,
-            use_bias=use_bias, dtype=weights[0].dtype, key=jr.key(0),
+        # Only the structure is needed: build it abstractly (no random draw, nothing compiled).
+        template = eqx.filter_eval_shape(
+            lambda: cls(sizes, activation, init_std=0.0, negative_slope=negative_slope,
+                        use_bias=use_bias, dtype=weights[0].dtype, key=jr.key(0))
         )
         return eqx.tree_at(lambda m: m.weights, template, weights)
 
@@ -139,20 +140,28 @@ class MLP(AbstractModel):
         return tuple(units)
 
     def __call__(self, x):
+        return self.forward(x)[0]
+
+    def forward(self, x, pattern=None):
         d_in = self.sizes[0]
         if x.ndim != 2 or x.shape[1] != d_in:
             raise ValueError(
                 f"inputs must have shape (n, {d_in}) for an MLP with sizes {self.sizes}, "
                 f"got {x.shape}"
             )
+        pre = []
         for h, w in enumerate(self.weights):
             if self.use_bias:
                 x = x @ w[:, :-1].T + w[:, -1]
             else:
                 x = x @ w.T
             if h < len(self.weights) - 1:
-                x = apply_activation(self.activation, x, self.negative_slope)
-        return x
+                pre.append(x)
+                if pattern is None:
+                    x = apply_activation(self.activation, x, self.negative_slope)
+                else:
+                    x = patterned_activation(self.activation, x, pattern[h], self.negative_slope)
+        return x, tuple(pre)
 
     def end_to_end(self) -> Float[Array, "out in"]:
         """The product W_N ... W_1 of a linear network without biases."""

@@ -6,7 +6,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import as_float_array, default_dtype
-from ._base import AbstractModel
+from ._base import AbstractModel, patterned_activation
 
 
 class TwoLayerReLU(AbstractModel):
@@ -57,9 +57,14 @@ class TwoLayerReLU(AbstractModel):
         return ((self.W, self.a[..., None]),)
 
     def __call__(self, x):
+        return self.forward(x)[0]
+
+    def forward(self, x, pattern=None):
         if x.ndim != 2 or x.shape[1] != self.W.shape[1]:
             raise ValueError(f"inputs must have shape (n, {self.W.shape[1]}), got {x.shape}")
-        return jax.nn.relu(x @ self.W.T) @ self.a
+        z = x @ self.W.T
+        h = jax.nn.relu(z) if pattern is None else patterned_activation("relu", z, pattern[0], 0.0)
+        return h @ self.a, (z,)
 
     def variation_norm(self) -> Float[Array, ""]:
         """sum_j |a_j| ||w_j||, the quantity minimised by the implicit bias of the flow."""
