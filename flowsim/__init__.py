@@ -14,6 +14,7 @@ from . import (
     losses as losses,
     models as models,
     schedules as schedules,
+    sweep as sweep,
 )
 from ._compare import (
     DiscretizationError as DiscretizationError,
@@ -28,7 +29,6 @@ from ._flow import (
 )
 from ._spectral import sharpness as sharpness
 from ._trajectory import Trajectory as Trajectory
-from . import sweep as sweep  # noqa: E402,I001  (after the solvers it drives)
 
 try:
     __version__ = importlib.metadata.version("flowsim")

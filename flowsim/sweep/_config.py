@@ -1,0 +1,511 @@
+"""Sweep configs: the schema, validation to one clear message, and grid expansion.
+
+A config is a TOML file (or the equivalent dict) with the sections `[problem]`, `[init]`,
+`[gd]`, `[flow]`, `[metrics]` and `[run]`. Any field given a list (a list of lists for fields
+that are lists themselves, such as `sizes`) is a sweep axis; the grid is the product of the
+axes. Validation reads the whole config before anything runs and raises `ConfigError` with one
+line naming the key, the bad value and what is allowed.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._flow import SOLVERS
+
+__all__ = ["METRICS", "SOLVERS", "Config", "ConfigError", "Point", "load_config"]
+
+SCHEMA_VERSION = 1
+METRICS = ("loss", "invariants", "drift", "ledger", "discretization", "alignment", "solver_stats")
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot run: the message is one line naming the key and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    kind: str  # "int", "float", "str", "bool", "int_list", "int_or_all"
+    default: Any = None  # None: required (unless `optional`)
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple | None = None
+    sweepable: bool = True
+    optional: bool = False
+    doc: str = ""
+
+
+def _positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def _nonneg(v):
+    return None if v >= 0 else "must be non-negative"
+
+
+def _delta(v):
+    return None if 0 <= v <= 0.5 else "must be in [0, 1/2]"
+
+
+def _widths(v):
+    if len(v) < 3:
+        return "must list at least three widths (d_in, hidden..., d_out): a hidden layer to balance"
+    if any(w < 1 for w in v):
+        return "widths must be positive"
+    return None
+
+
+_REQUIRED = None
+SCHEMA: dict[str, dict[str, _Field]] = {
+    "problem": {
+        "model": _Field("str", "mlp", choices=("mlp",), doc="network family"),
+        "sizes": _Field("int_list", _REQUIRED, _widths, doc="layer widths (d_in, ..., d_out)"),
+        "activation": _Field("str", "relu", choices=("relu", "leaky_relu", "linear", "tanh")),
+        "negative_slope": _Field("float", 0.01, _nonneg),
+        "data": _Field("str", "gaussian", choices=("gaussian", "separable")),
+        "n": _Field("int", _REQUIRED, _positive, doc="number of training points"),
+        "noise": _Field("float", 0.0, _nonneg),
+        "margin": _Field("float", 0.1, _positive),
+        "loss": _Field("str", "square", choices=("square", "logistic")),
+        "data_seed": _Field("int", 0, _nonneg),
+    },
+    "init": {
+        "scheme": _Field("str", "balanced", choices=("balanced", "unbalanced", "default")),
+        "variance": _Field(
+            "float",
+            1.0,
+            _positive,
+            doc="balanced: entry variance of the last layer; unbalanced: of every "
+            "layer; default: multiplies 1/fan_in",
+        ),
+        "seeds": _Field(
+            "int",
+            _REQUIRED,
+            _positive,
+            sweepable=False,
+            doc="number of random initialisations per grid point",
+        ),
+        "base_seed": _Field("int", 0, _nonneg),
+    },
+    "gd": {
+        "eta0": _Field("float", _REQUIRED, _positive),
+        "delta": _Field("float", 0.0, _delta),
+        "schedule": _Field("str", "power", choices=("power", "constant")),
+        "steps": _Field("int", _REQUIRED, _positive),
+        "save_every": _Field("int", 0, _nonneg, doc="0: about 100 saved iterates"),
+    },
+    "flow": {
+        "solver": _Field("str", "auto", choices=SOLVERS),
+        "rtol": _Field("float", 1e-8, _positive),
+        "atol": _Field("float", 1e-8, _positive),
+        "max_steps": _Field("int", 100_000, _positive),
+        "kinks": _Field(
+            "str",
+            "auto",
+            choices=("auto", "exact", "smooth"),
+            doc="ReLU kinks: exact events + sliding, or smooth (adaptive solver as is)",
+        ),
+        "max_events": _Field("int", 10_000, _positive, doc="kink events before a solve fails"),
+        "t1": _Field(
+            "float",
+            0.0,
+            _positive,
+            optional=True,
+            doc="flow horizon; only without [gd] (with [gd] the flow follows GD times)",
+        ),
+        "saves": _Field(
+            "int",
+            101,
+            lambda v: None if v >= 2 else "must be at least 2",
+            doc="number of equally spaced save times; only without [gd]",
+        ),
+    },
+    "metrics": {
+        "record": _Field(
+            "str_set",
+            "all",
+            sweepable=False,
+            doc=f'metrics to record, from {", ".join(METRICS)}, or "all"',
+        ),
+    },
+    "run": {
+        "devices": _Field(
+            "int_or_all",
+            "all",
+            sweepable=False,
+            doc='devices to shard the seeds over: "all" or a number',
+        ),
+        "batch_size": _Field(
+            "int", 0, _nonneg, sweepable=False, doc="seeds per compiled call; 0: all seeds at once"
+        ),
+    },
+}
+_OPTIONAL_SECTIONS = ("gd", "flow")  # present = run it
+
+
+def _describe(kind, choices):
+    if choices:
+        return "one of " + ", ".join(json.dumps(c) for c in choices)
+    return {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "int_list": "a list of integers",
+        "str_set": 'a list of metric names or "all"',
+        "int_or_all": 'a positive integer or "all"',
+    }[kind]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{...}"
+    return repr(value)
+
+
+def _check_scalar(where: str, value, field: _Field):
+    """Validates one (non-axis) value; returns it normalised (ints to float for floats)."""
+
+    def bad(msg):
+        return ConfigError(f"{where} = {_fmt(value)}: {msg}")
+
+    kind = field.kind
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"must be {_describe(kind, None)}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad(f"must be {_describe(kind, None)}")
+        if not math.isfinite(value):
+            raise bad("must be finite")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad(f"must be {_describe(kind, field.choices)}")
+    elif kind == "int_list":
+        if not isinstance(value, list) or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in value
+        ):
+            raise bad(f"must be {_describe(kind, None)}")
+    if field.choices is not None and value not in field.choices:
+        raise bad(f"must be {_describe(kind, field.choices)}")
+    if field.check is not None:
+        msg = field.check(value)
+        if msg:
+            raise bad(msg)
+    return value
+
+
+def _is_axis(value, field: _Field) -> bool:
+    if field.kind == "int_list":
+        return isinstance(value, list) and bool(value) and all(isinstance(v, list) for v in value)
+    return isinstance(value, list)
+
+
+def _validate_section(prefix: str, name: str, raw, schema: Mapping[str, _Field]):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}[{name}] = {_fmt(raw)}: must be a table (a [{name}] section)")
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema:
+            known = ", ".join(schema)
+            raise ConfigError(f"{prefix}[{name}].{key}: unknown key; [{name}] takes {known}")
+    for key, field in schema.items():
+        where = f"{prefix}[{name}].{key}"
+        if key not in raw:
+            if field.default is _REQUIRED:
+                raise ConfigError(f"{where}: missing; {field.doc or 'required'}")
+            if field.kind == "str_set":
+                out[key] = _check_metrics(where, field.default)
+            elif not field.optional:
+                out[key] = field.default
+            continue
+        value = raw[key]
+        if field.kind == "str_set":
+            out[key] = _check_metrics(where, value)
+        elif field.kind == "int_or_all":
+            if value != "all" and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{where} = {_fmt(value)}: must be {_describe(field.kind, None)}")
+            out[key] = value
+        elif _is_axis(value, field):
+            if not field.sweepable:
+                raise ConfigError(f"{where} = {_fmt(value)}: cannot be swept; give one value")
+            if not value:
+                raise ConfigError(f"{where} = []: an empty sweep axis; give at least one value")
+            vals = [_check_scalar(f"{where}[{i}]", v, field) for i, v in enumerate(value)]
+            if len({json.dumps(v) for v in vals}) != len(vals):
+                raise ConfigError(f"{where} = {_fmt(value)}: repeats a value")
+            out[key] = vals
+        else:
+            out[key] = _check_scalar(where, value, field)
+    return out
+
+
+def _check_metrics(where, value):
+    if value == "all":
+        return list(METRICS)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{where} = {_fmt(value)}: must be a list of metric names or "all"')
+    for v in value:
+        if v not in METRICS:
+            raise ConfigError(
+                f"{where} = {_fmt(value)}: unknown metric {json.dumps(v)}; choose from "
+                f"{', '.join(METRICS)}"
+            )
+    return list(dict.fromkeys(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: the fully resolved parameters of every section, and its key."""
+
+    index: int
+    params: dict[str, dict[str, Any]]
+    coords: dict[str, Any]  # axis name -> coordinate value (hashable, storable)
+    key: str
+
+    @property
+    def label(self) -> str:
+        if not self.coords:
+            return "point"
+        return ", ".join(f"{k}={v}" for k, v in self.coords.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated sweep config.
+
+    **Fields:** `sections` (validated values, sweep axes as lists), `axes` (ordered
+    `(section, key)` pairs of the sweep axes), `source` (the config TOML text or None) and
+    `path` (where it was read from, for messages).
+    """
+
+    sections: dict[str, dict[str, Any]]
+    axes: tuple[tuple[str, str], ...]
+    source: str | None
+    path: str
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(key for _, key in self.axes)
+
+    @property
+    def has_gd(self) -> bool:
+        return "gd" in self.sections
+
+    @property
+    def has_flow(self) -> bool:
+        return "flow" in self.sections
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(self.sections["metrics"]["record"])
+
+    @property
+    def seeds(self) -> int:
+        return self.sections["init"]["seeds"]
+
+    def axis_values(self, name: str) -> list:
+        section = next(s for s, k in self.axes if k == name)
+        return [coord_value(v) for v in self.sections[section][name]]
+
+    def points(self) -> list[Point]:
+        """The grid, in row-major order of the axes (first axis slowest)."""
+        choices = [self.sections[s][k] for s, k in self.axes]
+        out = []
+        for i, combo in enumerate(itertools.product(*choices)):
+            params = copy.deepcopy(self.sections)
+            coords = {}
+            for (s, k), v in zip(self.axes, combo):
+                params[s][k] = v
+                coords[k] = coord_value(v)
+            _resolve(params)
+            out.append(Point(i, params, coords, point_key(params)))
+        return out
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.sections)
+
+    def digest(self) -> str:
+        """A hash of the validated config: same digest, same grid and results."""
+        blob = json.dumps({"v": SCHEMA_VERSION, "c": self.sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def coord_value(v):
+    """A grid value as a coordinate: lists (layer sizes) become strings like "8-16-2"."""
+    if isinstance(v, list):
+        return "-".join(str(x) for x in v)
+    return v
+
+
+def point_key(params) -> str:
+    """Hash of a point's resolved parameters (run-only settings excluded: they change no result)."""
+    core = {k: v for k, v in params.items() if k != "run"}
+    blob = json.dumps({"v": SCHEMA_VERSION, "p": core}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_save_every(steps: int, target: int = 100) -> int:
+    """The smallest divisor s of `steps` with steps / s <= target."""
+    for s in range(1, steps + 1):
+        if steps % s == 0 and steps // s <= target:
+            return s
+    return steps
+
+
+def _resolve(params) -> None:
+    gd = params.get("gd")
+    if gd is not None and gd["save_every"] == 0:
+        gd["save_every"] = default_save_every(gd["steps"])
+
+
+def _cross_checks(prefix: str, sections, axes) -> None:
+    """Constraints between keys; checked on every grid value they could take."""
+
+    def values(section, key):
+        v = sections[section].get(key)
+        return v if (section, key) in axes else [v]
+
+    has_gd, has_flow = "gd" in sections, "flow" in sections
+    if not (has_gd or has_flow):
+        raise ConfigError(f"{prefix}nothing to run: add a [gd] section, a [flow] section or both")
+    for sizes in values("problem", "sizes"):
+        for loss in values("problem", "loss"):
+            if loss == "logistic" and sizes[-1] != 1:
+                raise ConfigError(
+                    f"{prefix}[problem].sizes = {_fmt(sizes)}: the logistic loss needs one "
+                    f"output (last width 1)"
+                )
+    for data in values("problem", "data"):
+        for loss in values("problem", "loss"):
+            if loss == "logistic" and data != "separable":
+                raise ConfigError(
+                    f'{prefix}[problem].loss = "logistic": needs labels; set [problem].data = '
+                    f'"separable" (got {json.dumps(data)})'
+                )
+    if has_gd:
+        for steps in values("gd", "steps"):
+            for se in values("gd", "save_every"):
+                if se and steps % se:
+                    raise ConfigError(
+                        f"{prefix}[gd].save_every = {se}: must divide [gd].steps = {steps}"
+                    )
+    if has_gd and has_flow:
+        for key in ("t1", "saves"):
+            if key in sections["flow"] and sections["flow"].get(f"_{key}_given"):
+                raise ConfigError(
+                    f"{prefix}[flow].{key}: not allowed with [gd]; the flow is saved at the GD "
+                    f"times t_k = sum of eta_i"
+                )
+    if has_flow and not has_gd and "t1" not in sections["flow"]:
+        raise ConfigError(f"{prefix}[flow].t1: missing; the flow horizon (required without [gd])")
+    need_both = [m for m in ("discretization",) if m in sections["metrics"]["record"]]
+    if need_both and not (has_gd and has_flow) and sections["metrics"].get("_explicit"):
+        raise ConfigError(
+            f'{prefix}[metrics].record: "discretization" compares GD with the flow; it needs '
+            f"both [gd] and [flow]"
+        )
+    if (
+        "ledger" in sections["metrics"]["record"]
+        and not has_gd
+        and sections["metrics"].get("_explicit")
+    ):
+        raise ConfigError(f'{prefix}[metrics].record: "ledger" is the GD drift ledger; add [gd]')
+
+
+def validate(raw: Mapping, path: str = "<config>") -> Config:
+    """Validates a config dict (as parsed from TOML) into a `Config`.
+
+    **Raises:** `ConfigError` with one line: `PATH: [section].key = VALUE: what is wrong`.
+    """
+    prefix = f"{path}: "
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}a config must be a table of sections, got {type(raw).__name__}")
+    for name in raw:
+        if name not in SCHEMA:
+            raise ConfigError(
+                f"{prefix}[{name}]: unknown section; sections are {', '.join(SCHEMA)}"
+            )
+    for name in ("problem", "init"):
+        if name not in raw:
+            raise ConfigError(f"{prefix}[{name}]: missing section")
+    sections: dict[str, dict[str, Any]] = {}
+    axes: list[tuple[str, str]] = []
+    for name, schema in SCHEMA.items():
+        if name in _OPTIONAL_SECTIONS and name not in raw:
+            continue
+        section = _validate_section(prefix, name, raw.get(name, {}), schema)
+        for key, field in schema.items():
+            if (
+                key in section
+                and field.kind not in ("str_set", "int_or_all")
+                and _is_axis(raw.get(name, {}).get(key), field)
+            ):
+                axes.append((name, key))
+        sections[name] = section
+    metrics_raw = raw.get("metrics", {})
+    explicit = isinstance(metrics_raw, dict) and "record" in metrics_raw
+    flow_raw = raw.get("flow", {}) if isinstance(raw.get("flow", {}), dict) else {}
+    # Markers for the cross-checks (removed afterwards).
+    sections["metrics"]["_explicit"] = explicit and metrics_raw["record"] != "all"
+    if "flow" in sections:
+        sections["flow"]["_t1_given"] = "t1" in flow_raw
+        sections["flow"]["_saves_given"] = "saves" in flow_raw
+    _cross_checks(prefix, sections, set(axes))
+    sections["metrics"].pop("_explicit")
+    if "flow" in sections:
+        sections["flow"].pop("_t1_given")
+        sections["flow"].pop("_saves_given")
+        if "gd" in sections:
+            sections["flow"].pop("saves", None)
+    # Keep only the metrics this config can produce.
+    record = sections["metrics"]["record"]
+    if not ("gd" in sections and "flow" in sections):
+        record = [m for m in record if m != "discretization"]
+    if "gd" not in sections:
+        record = [m for m in record if m != "ledger"]
+    sections["metrics"]["record"] = record
+    return Config(sections, tuple(axes), None, path)
+
+
+def load_config(config: "str | os.PathLike | Mapping | Config") -> Config:
+    """Reads and validates a sweep config from a TOML path, a TOML string or a dict.
+
+    **Raises:** `ConfigError` (one line) for a missing file, bad TOML or an invalid config.
+    """
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return validate(config)
+    path = os.fspath(config)
+    if "\n" in path or "=" in path:  # a TOML string
+        text, where = path, "<config>"
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        where = path
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    cfg = validate(raw, where)
+    return dataclasses.replace(cfg, source=text)
