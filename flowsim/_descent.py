@@ -72,7 +72,7 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
 
     def chunk(carry, j):
         saved = (carry[0], carry[2])
-        ks = (j * save_every + jnp.arange(save_every)).astype(jnp.int32)
+        ks = j * save_every + jnp.arange(save_every, dtype=jnp.int32)
         carry, values = jax.lax.scan(step, carry, ks)
         return carry, (saved, values[0])
 
