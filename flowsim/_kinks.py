@@ -137,22 +137,34 @@ def _vector_field(t, p, args):
 
 
 def _event_value(t, y, args, **kwargs):
+    value = _crossing_value(t, y, args)
+    if args[2].shape[0]:
+        value = jnp.minimum(value, _release_value(t, y, args))
+    return value
+
+
+def _crossing_value(t, y, args, **kwargs):
+    """min_j s_j z_j + offset_j over entries off their surfaces: goes down through 0 at a hit."""
     del t, kwargs
     problem, mask, idx, valid, sign, offset = args
     z = problem.pre(y, mask)
-    v = jnp.where(sign == 0, jnp.inf, sign * z + offset)
-    value = jnp.min(v)
-    if idx.shape[0]:
-        _, lam = problem.sliding_mask(y, mask, idx, valid)
-        value = jnp.minimum(value, jnp.min(jnp.where(valid, jnp.minimum(lam, 1 - lam), jnp.inf)))
-    return value
+    return jnp.min(jnp.where(sign == 0, jnp.inf, sign * z + offset))
+
+
+def _release_value(t, y, args, **kwargs):
+    """min over sliding entries of min(lambda, 1 - lambda): goes down through 0 at a release."""
+    del t, kwargs
+    problem, mask, idx, valid, _, _ = args
+    _, lam = problem.sliding_mask(y, mask, idx, valid)
+    return jnp.min(jnp.where(valid, jnp.minimum(lam, 1 - lam), jnp.inf))
 
 
 @eqx.filter_jit
 def _piece(problem, p, t0, t1, ts, mask, idx, valid, sign, offset, solver, controller, max_steps):
     args = (problem, mask, idx, valid, sign, offset)
-    event = dfx.Event(_event_value, root_finder=_ROOT_FINDER,
-                      direction=False)
+    # One scalar condition (bisection needs one): both parts start positive, because sliding
+    # entries with a slope already at 0 or 1 are released before a piece starts.
+    event = dfx.Event(_event_value, root_finder=_ROOT_FINDER, direction=False)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_vector_field), solver, t0, t1, None, p, args=args,
         saveat=dfx.SaveAt(subs=[dfx.SubSaveAt(ts=ts), dfx.SubSaveAt(t1=True)]),
@@ -165,6 +177,20 @@ def _piece(problem, p, t0, t1, ts, mask, idx, valid, sign, offset, solver, contr
     lam = problem.sliding_mask(y_end, mask, idx, valid)[1] if idx.shape[0] else jnp.zeros(0)
     return (ys, t_end, y_end, sol.result._value, sol.stats["num_steps"],
             sol.stats["num_rejected_steps"], z, lam)
+
+
+@eqx.filter_jit
+def _lambdas(problem, p, mask, idx, valid):
+    return problem.sliding_mask(p, mask, idx, valid)[1]
+
+
+def _sliding_arrays(sliding):
+    k = _bucket(len(sliding))
+    idx = np.zeros(k, np.int64)
+    valid = np.zeros(k, bool)
+    idx[: len(sliding)] = sliding
+    valid[: len(sliding)] = True
+    return jnp.asarray(idx), jnp.asarray(valid)
 
 
 @eqx.filter_jit
@@ -265,25 +291,21 @@ def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events
         hits = np.flatnonzero(values <= 1e-9 * zscale)
         for j in hits:
             mask_eff = mask.copy()
-            k2 = _bucket(len(sliding))
-            idx2 = np.zeros(k2, np.int64)
-            valid2 = np.zeros(k2, bool)
-            idx2[: len(sliding)] = sliding
-            valid2[: len(sliding)] = True
+            idx2, valid2 = _sliding_arrays(sliding)
             both = []
             for side in (1.0, 0.0):
                 mask_eff[j] = side
-                zd = _zdots(problem, p, jnp.asarray(mask_eff), jnp.asarray(idx2),
-                            jnp.asarray(valid2))
+                zd = _zdots(problem, p, jnp.asarray(mask_eff), idx2, valid2)
                 both.append(float(zd[j]))
             zd_plus, zd_minus = both
             was_active = sign[j] > 0
-            approaching = (zd_plus if was_active else zd_minus) * sign[j] < 0
+            # Derivatives at rounding level (e.g. exactly 0 with orthogonal inputs) count as 0.
+            tiny = 1e-12 * (abs(zd_plus) + abs(zd_minus))
+            approaching = (zd_plus if was_active else zd_minus) * sign[j] < -tiny
             if not approaching:
                 offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
                 continue
             other = zd_minus if was_active else zd_plus
-            tiny = 1e-12 * (abs(zd_plus) + abs(zd_minus))
             pushes_back = other * sign[j] > tiny  # the far side drives z back to the surface
             if pushes_back:
                 sliding.append(int(j))
@@ -299,6 +321,24 @@ def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events
                 stats["num_crossings"] += 1
                 if record:
                     pieces[-1]["events"].append(("cross", int(j)))
+        # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
+        # released before the next piece, so the release condition starts positive.
+        while sliding:
+            idx_s, valid_s = _sliding_arrays(sliding)
+            lam_now = np.asarray(_lambdas(problem, p, jnp.asarray(mask), idx_s, valid_s))
+            out_of_range = [pos for pos in range(len(sliding))
+                            if not (1e-10 < lam_now[pos] < 1 - 1e-10)]
+            if not out_of_range:
+                break
+            pos = out_of_range[0]
+            j = sliding.pop(pos)
+            side = 1.0 if lam_now[pos] >= 0.5 else 0.0
+            mask[j] = side
+            sign[j] = 1.0 if side else -1.0
+            offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
+            stats["num_releases"] += 1
+            if record:
+                pieces[-1]["events"].append(("release", int(j)))
     if not filled.all() and result == 0:
         result = -2
     stats["num_sliding_now"] = len(sliding)

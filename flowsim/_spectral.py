@@ -28,7 +28,6 @@ def _normalise(v):
     return jax.tree.map(lambda x: x / n, v)
 
 
-@eqx.filter_jit
 def _power(hvp, p, v, shift, iters: int):
     def body(_, state):
         v, _ = state
@@ -39,6 +38,20 @@ def _power(hvp, p, v, shift, iters: int):
     v = _normalise(v)
     _, lam = jax.lax.fori_loop(0, iters, body, (v, jnp.zeros((), jax.tree.leaves(p)[0].dtype)))
     return lam + shift
+
+
+@eqx.filter_jit
+def _sharpness(params, static, loss, v, iters: int):
+    # One compiled function per (model structure, loss type, iters): the loss's arrays are
+    # traced, so new data or a new initialisation reuses it.
+    _, hvp = hvp_fn(loss, static)
+    lam = _power(hvp, params, v, jnp.zeros((), lam_dtype(params)), iters)
+    lam_pos = jax.lax.cond(lam < 0, lambda: _power(hvp, params, v, lam, iters), lambda: lam)
+    return jnp.maximum(lam_pos, 0.0)
+
+
+def lam_dtype(params):
+    return jax.tree.leaves(params)[0].dtype
 
 
 def sharpness(
@@ -60,12 +73,8 @@ def sharpness(
     ```
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    _, hvp = hvp_fn(loss, static)
     key = jr.key(0) if key is None else key
     leaves, treedef = jax.tree.flatten(params)
     keys = jr.split(key, len(leaves))
     v = jax.tree.unflatten(treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    zero = jnp.zeros((), leaves[0].dtype)
-    lam = _power(hvp, params, v, zero, iters)
-    lam_pos = jnp.where(lam < 0, _power(hvp, params, v, lam, iters), lam)
-    return jnp.maximum(lam_pos, 0.0)
+    return _sharpness(params, static, loss, v, iters)

@@ -211,3 +211,22 @@ def test_leaky_relu_and_batched_exact():
         assert _param_gap(single.final_model(), batch[i].final_model()) <= 1e-12
     d = inv.drift(batch, inv.neuron_gaps)[0]
     assert float(jnp.max(jnp.abs(d))) <= 1e-10
+
+
+def test_orthogonal_four_units_no_missed_crossing():
+    # Regression: a hit with a far side at rounding level (z' = 0 exactly with orthogonal
+    # inputs) was taken for sliding with slope 0, and its release condition, negative from
+    # the start, hid every later crossing. The flow must follow GD as eta -> 0.
+    X = flowsim.data.orthogonal_inputs(4, 4, key=jr.key(0))
+    y = jnp.array([1.0, 0.8, -0.5, -0.3])
+    kw, _ = jr.split(jr.key(20))
+    W = 1e-3 * jr.normal(kw, (4, 4))
+    net = TwoLayerReLU(W, jnp.linalg.norm(W, axis=1) * jnp.array([1.0, 1.0, -1.0, -1.0]))
+    loss = flowsim.losses.square(X, y)
+    flow = flowsim.gradient_flow(net, loss, 60.0, rtol=1e-10, atol=1e-12)
+    errs = []
+    for eta in (1e-2, 1e-3):
+        gd = flowsim.gradient_descent(net, loss, round(60 / eta), learning_rate=eta,
+                                      save_every=round(60 / eta))
+        errs.append(abs(float(gd.loss[-1]) / float(flow.loss[-1]) - 1))
+    assert errs[1] < 0.3 * errs[0] and errs[1] <= 1e-3, errs  # GD(eta) -> flow, O(eta)
