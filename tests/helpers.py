@@ -38,7 +38,8 @@ def count_compilations(name: str):
                 counter["n"] += 1
 
     handler = _Handler(level=logging.DEBUG)
-    loggers = [logging.getLogger("jax._src.dispatch"), logging.getLogger("jax._src.interpreters.pxla")]
+    loggers = [logging.getLogger(name)
+               for name in ("jax._src.dispatch", "jax._src.interpreters.pxla")]
     for lg in loggers:
         lg.addHandler(handler)
     with jax.log_compiles(True):
