@@ -85,20 +85,20 @@ def test_invariants_conserved_along_flow(sizes, activation):
 
 def test_invariants_conserved_convnet():
     # Shared filters (Thm 2.3) with ReLU. Every (sample, position, channel) is a kink surface;
-    # this instance crosses many and reaches a sliding mode at t ~ 0.42, so the horizon stops
-    # before it (sliding needs the event-based integration of ReLU kinks).
+    # with kinks="smooth" this instance reaches a sliding mode at t ~ 0.42 and stalls, the exact
+    # kink integration (the default) passes through it.
     k1, k2, k3 = jr.split(jr.key(3), 3)
     X = jr.normal(k1, (6, 1, 6, 6))
     Y = ConvNet((1, 6, 6), (3, 2), 2, kernel_size=3, key=k2)(X)
     net = ConvNet((1, 6, 6), (3, 2), 2, kernel_size=3, key=k3)
     traj = flowsim.gradient_flow(
-        net, flowsim.losses.square(X, Y), 0.3, ts=jnp.linspace(0, 0.3, 4), solver="tsit5",
+        net, flowsim.losses.square(X, Y), 3.0, ts=jnp.linspace(0, 3, 4), solver="tsit5",
         rtol=1e-12, atol=1e-12,
     )
-    assert int(traj.stats["num_rejected_steps"]) > 50, "the instance should cross kinks"
+    assert int(traj.stats["num_crossings"]) >= 1, "the instance should cross kinks"
     drifts = _relative_drifts(traj)
     assert drifts["layer"] <= 1e-9 and drifts["neuron"] <= 1e-9, drifts
-    assert float(tree_max_abs_diff(traj.model_at(0), traj.final_model())) > 1e-3
+    assert float(traj.loss[-1]) < 0.9 * float(traj.loss[0])
 
 
 def test_tanh_drift_is_visible(getkey):
