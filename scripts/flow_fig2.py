@@ -14,15 +14,14 @@ solvers see the same vector field; see scripts/kinks_fig2.py for the exact treat
     python scripts/flow_fig2.py [--solvers kvaerno5 tsit5] [--t1 20] [--rtol 1e-8] [--n 1000]
 """
 
-import argparse
 import json
 import resource
 import time
 
+import _fig2
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 
 import flowsim
 from flowsim import invariants as inv
@@ -42,20 +41,11 @@ class CountingLoss(eqx.Module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _fig2.parser(__doc__)
     parser.add_argument("--solvers", nargs="+", default=["kvaerno5", "tsit5"])
-    parser.add_argument("--t1", type=float, default=20.0)
-    parser.add_argument("--rtol", type=float, default=1e-8)
-    parser.add_argument("--n", type=int, default=1000, help="points (and input dimension)")
-    parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
-    sizes = (args.n, 100, 100, 10)
-    kx, kt, kw = jr.split(jr.key(0), 3)
-    X = jr.normal(kx, (args.n, args.n))
-    Y = flowsim.models.MLP(sizes, "relu", key=kt)(X)
-    net = flowsim.models.MLP(sizes, "relu", init_std=flowsim.init.balanced_stds(sizes, 1e-4),
-                             key=kw)
-    loss = CountingLoss(flowsim.losses.square(X, Y))
+    net, loss = _fig2.fig2_problem(args.n)
+    loss = CountingLoss(loss)
     print("sharpness at init:", float(flowsim.sharpness(net, loss)), flush=True)
     rows = {}
     for solver in args.solvers:
