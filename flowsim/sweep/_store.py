@@ -42,13 +42,16 @@ def _fsync_dir(path: pathlib.Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_target(path: pathlib.Path):
+    """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`
+    (atomic on POSIX), on failure removed. A reader sees the old file or the new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     _chmod_default(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -56,6 +59,11 @@ def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    with _atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _chmod_default(path) -> None:
@@ -96,19 +104,8 @@ def finished(out: pathlib.Path, points: list[Point]) -> list[bool]:
 def write_point(out: pathlib.Path, point: Point, dataset) -> None:
     """Writes one point's dataset atomically (temp file, fsync, rename)."""
     path = point_path(out, point)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    _chmod_default(tmp)
-    try:
+    with _atomic_target(path) as tmp:
         dataset.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def update_manifest(out: pathlib.Path, config: Config, points: list[Point]) -> None:
