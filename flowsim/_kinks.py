@@ -11,7 +11,8 @@ dense output), decides what happens there, and restarts:
   the loss is affine in the slope of an entry at z_j = 0, that combination is the vector field
   with the entry's slope sigma'(0) = lambda in [0, 1] (the Clarke subgradient element that
   keeps the trajectory on the surface). lambda is solved for at every evaluation; several
-  surfaces can slide at once (a small linear system, refined by one Newton step).
+  surfaces can slide at once (a small linear system, then Newton's method: the
+  field is multilinear in the slopes of entries of one data point in different layers).
 - **release**: a sliding entry leaves when its lambda reaches 0 or 1 (a second event).
 
 Any slope choice satisfies sigma'(z) z = sigma(z), so the Du–Hu–Lee invariants are conserved
@@ -88,24 +89,45 @@ class _Problem(eqx.Module):
         return jax.jvp(lambda q: self.pre(q, mask), (p,), (self.field(p, mask),))[1]
 
     def sliding_mask(self, p, mask, idx, valid):
-        """The mask with the slopes of the sliding entries chosen so that z_idx' = 0."""
+        """The mask with the slopes of the sliding entries chosen so that z_idx' = 0.
+
+        z_idx' is affine in each slope but multilinear in all of them when sliding entries of
+        the same data point sit in different layers (the slope of layer l scales what layer
+        l + 1 sees). Newton's method from slopes 0 (Jacobian by forward-mode autodiff, steps by
+        least squares) runs until the slopes move by less than `_SLOPE_TOL`, at most
+        `_SLOPE_NEWTON_MAX` times: the first step is exact when the system is affine (the
+        second confirms it), a coupled pair takes a few more.
+        """
         k = idx.shape[0]
 
         def residual(lam):
             m = mask.at[idx].set(jnp.where(valid, lam, mask[idx]))
             return jnp.where(valid, self.zdot(p, m)[idx], 0.0)
 
-        zero = jnp.zeros(k, mask.dtype)
-        b = residual(zero)
-        A = jax.vmap(lambda e: residual(e) - b, out_axes=1)(jnp.eye(k, dtype=mask.dtype))
         both = valid[:, None] & valid[None, :]
-        A = jnp.where(both, A, jnp.eye(k, dtype=mask.dtype))
-        # Least squares: when more surfaces slide than a unit has inputs (a unit collapsing onto
-        # the origin) the slopes are not unique, the vector field still is.
-        lam = _lstsq(A, -b)
-        lam = lam - _lstsq(A, residual(lam))  # one Newton step: deep nets are bilinear
+        eye = jnp.eye(k, dtype=mask.dtype)
+
+        def newton(carry):
+            lam, _, i = carry
+            J, r = jax.jacfwd(lambda x: (residual(x), residual(x)), has_aux=True)(lam)
+            # Least squares: when more surfaces slide than a unit has inputs (a unit collapsing
+            # onto the origin) the slopes are not unique, the vector field still is.
+            step = _lstsq(jnp.where(both, J, eye), r)
+            return lam - step, jnp.max(jnp.abs(step)), i + 1
+
+        def keep_going(carry):
+            _, size, i = carry
+            return (size > _SLOPE_TOL) & (i < _SLOPE_NEWTON_MAX)
+
+        start = (jnp.zeros(k, mask.dtype), jnp.asarray(jnp.inf, mask.dtype), jnp.asarray(0))
+        lam, _, _ = jax.lax.while_loop(keep_going, newton, start)
         lam = jnp.where(valid, lam, 0.0)
         return mask.at[idx].set(jnp.where(valid, lam, mask[idx])), lam
+
+
+# Newton on the sliding slopes stops when they move by less than this (they live in [0, 1]).
+_SLOPE_TOL = 1e-13
+_SLOPE_NEWTON_MAX = 20
 
 
 class _Bisection(optx.Bisection):

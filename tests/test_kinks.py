@@ -230,3 +230,44 @@ def test_orthogonal_four_units_no_missed_crossing():
                                       save_every=round(60 / eta))
         errs.append(abs(float(gd.loss[-1]) / float(flow.loss[-1]) - 1))
     assert errs[1] < 0.3 * errs[0] and errs[1] <= 1e-3, errs  # GD(eta) -> flow, O(eta)
+
+
+def test_sliding_slopes_solve_coupled_layers():
+    # Regression: two sliding entries of one data point in consecutive layers make z' bilinear
+    # in their slopes; one Newton step left |z'| ~ 1e-5 there, the solution released one of
+    # them at once and the flow chattered (thousands of slide/release events). The slopes must
+    # make z' vanish on every sliding surface to rounding.
+    from flowsim._kinks import _Problem, _sliding_arrays
+
+    k1, k2, k3 = jr.split(jr.key(0), 3)
+    X = jr.normal(k1, (5, 3))
+    Y = jr.normal(k2, (5, 2))
+    W1, W2, W3 = (jr.normal(k, s) for k, s in zip(jr.split(k3, 3), [(4, 3), (4, 4), (2, 4)]))
+    # Put point 0 on the kink of layer-1 unit 0 and of layer-2 unit 1.
+    x0 = X[0]
+    W1 = W1.at[0].add(-(W1[0] @ x0) / (x0 @ x0) * x0)
+    h0 = jax.nn.relu(W1 @ x0)
+    W2 = W2.at[1].add(-(W2[1] @ h0) / (h0 @ h0) * h0)
+    net = MLP.from_weights([W1, W2, W3], "relu")
+    loss = flowsim.losses.square(X, Y)
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    zs = net.forward(X)[1]
+    problem = _Problem(static, loss, tuple(z.shape for z in zs))
+    z = jnp.concatenate([v.ravel() for v in zs])
+    sliding = [0 * 4 + 0, 5 * 4 + 0 * 4 + 1]  # (point 0, unit 0) in layer 1, (0, 1) in layer 2
+    assert float(jnp.max(jnp.abs(z[jnp.array(sliding)]))) <= 1e-14
+    mask = (z > 0).astype(z.dtype)
+    idx, valid = _sliding_arrays(sliding)
+    new_mask, lam = problem.sliding_mask(params, mask, idx, valid)
+    zdot = problem.zdot(params, new_mask)
+
+    def z_sliding(l1, l2):
+        return problem.zdot(params, mask.at[jnp.array(sliding)].set(jnp.array([l1, l2])))
+
+    scale = float(jnp.max(jnp.abs(problem.zdot(params, mask))))
+    # Coupled: the mixed second difference of z' in the two slopes is not zero (bilinear).
+    mixed = z_sliding(0.0, 0.0) + z_sliding(1.0, 1.0) - z_sliding(1.0, 0.0) - z_sliding(0.0, 1.0)
+    assert float(jnp.max(jnp.abs(mixed[jnp.array(sliding)]))) >= 1e-3 * scale
+    # One chord step from the affine solution left |z'| = 9 x scale here; Newton: 3e-18.
+    assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * scale, zdot[:2]
+    assert np.all(np.isfinite(np.asarray(lam)))
