@@ -29,6 +29,8 @@ class Trajectory(eqx.Module):
       `flowsim.invariants.gd_drift_ledger`).
     - `learning_rates`: gradient descent only: eta_k for every step k, shape `(steps,)`.
     - `solver`: gradient flow only: the name of the diffrax solver used.
+    - `kinks`: gradient flow only: `"exact"` or `"smooth"`, how ReLU kinks were integrated
+      (`None` for smooth activations).
     """
 
     ts: Float[Array, "*batch time"]
@@ -42,6 +44,7 @@ class Trajectory(eqx.Module):
     learning_rates: Float[Array, " steps"] | None = None
     batched: bool = eqx.field(static=True, default=False)
     solver: str | None = eqx.field(static=True, default=None)
+    kinks: str | None = eqx.field(static=True, default=None)
 
     @property
     def succeeded(self) -> Bool[Array, "*batch"]:
@@ -75,6 +78,7 @@ class Trajectory(eqx.Module):
             learning_rates=self.learning_rates,
             batched=False,
             solver=self.solver,
+            kinks=self.kinks,
         )
 
     def model_at(self, k: int):

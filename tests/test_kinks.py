@@ -271,3 +271,24 @@ def test_sliding_slopes_solve_coupled_layers():
     # One chord step from the affine solution left |z'| = 9 x scale here; Newton: 3e-18.
     assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * scale, zdot[:2]
     assert np.all(np.isfinite(np.asarray(lam)))
+
+
+def test_auto_is_exact_up_to_the_surface_limit():
+    # kinks="auto": exact up to EXACT_KINKS_MAX_SURFACES (points x hidden units), smooth above;
+    # Trajectory.kinks records the choice, an explicit "exact" is honoured at any size.
+    from flowsim._flow import EXACT_KINKS_MAX_SURFACES
+
+    units = 100
+    net = MLP((2, units, 1), "relu", key=jr.key(0))
+    for n, expected in ((EXACT_KINKS_MAX_SURFACES // units, "exact"),
+                        (EXACT_KINKS_MAX_SURFACES // units + 1, "smooth")):
+        X = jr.normal(jr.key(1), (n, 2))
+        loss = flowsim.losses.square(X, jnp.zeros((n, 1)))
+        traj = flowsim.gradient_flow(net, loss, 1e-3, solver="tsit5", rtol=1e-6, atol=1e-6)
+        assert traj.kinks == expected, (n, traj.kinks)
+        assert ("num_events" in traj.stats) == (expected == "exact")
+    forced = flowsim.gradient_flow(net, loss, 1e-3, solver="tsit5", rtol=1e-6, atol=1e-6,
+                                   kinks="exact")
+    assert forced.kinks == "exact"
+    tanh = MLP((2, 3, 1), "tanh", key=jr.key(0))
+    assert flowsim.gradient_flow(tanh, loss, 1e-3).kinks is None

@@ -109,7 +109,8 @@ SCHEMA: dict[str, dict[str, _Field]] = {
             "str",
             "auto",
             choices=("auto", "exact", "smooth"),
-            doc="ReLU kinks: exact events + sliding, or smooth (adaptive solver as is)",
+            doc="ReLU kinks: exact events + sliding, smooth (adaptive solver as is), or auto "
+                "(exact up to 20,000 pre-activation surfaces)",
         ),
         "max_events": _Field("int", 10_000, _positive, doc="kink events before a solve fails"),
         "t1": _Field(
