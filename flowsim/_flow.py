@@ -244,17 +244,19 @@ def gradient_flow(
         if np.any(np.diff(ts_arr) < 0) or ts_arr[0] < t0 or ts_arr[-1] > t1:
             raise ValueError(f"`ts` must be non-decreasing and within [t0, t1] = [{t0}, {t1}]")
     n_params = _n_params(params, batched)
+    # Tolerances as arrays: traced, so a new rtol / atol does not recompile the solve.
+    rtol_j, atol_j = jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype)
     chosen = solver
     if isinstance(solver, str):
         if solver == "auto":
             chosen, _ = _auto(model, loss, t0, t1, n_params, batched)
-        solver = make_solver(chosen, n_params, atol)
+        solver = make_solver(chosen, n_params, atol_j)
     elif not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(f"`solver` must be a diffrax solver or a name in {SOLVERS}, got {solver!r}")
-    controller = dfx.PIDController(rtol=rtol, atol=atol)
+    controller = dfx.PIDController(rtol=rtol_j, atol=atol_j)
     if _is_implicit(solver):
         # PI control is smoother on stiff problems (diffrax's recommendation for implicit solvers).
-        controller = dfx.PIDController(rtol=rtol, atol=atol, pcoeff=0.3, icoeff=0.4)
+        controller = dfx.PIDController(rtol=rtol_j, atol=atol_j, pcoeff=0.3, icoeff=0.4)
         controller = dfx.ClipStepSizeController(controller, step_ts=ts_arr)
     ts_j = jnp.asarray(ts_arr, dtype)
     exact = _use_kinks(kinks, split_batch(params, static, batched), loss)

@@ -240,3 +240,19 @@ def test_bad_arguments():
         flowsim.gradient_flow(mf, loss, 1.0, rtol=0.0)
     with pytest.raises(ValueError, match="`ts` must be non-decreasing and within"):
         flowsim.gradient_flow(mf, loss, 1.0, ts=[0.0, 2.0])
+
+
+@pytest.mark.parametrize("solver, dense_max", [("tsit5", 2000), ("kvaerno5", 2000),
+                                               ("kvaerno5", 0)])
+def test_new_tolerances_and_horizon_do_not_recompile(getkey, monkeypatch, solver, dense_max):
+    # Tolerances and times are traced: a tolerance sweep compiles once per solver, explicit,
+    # implicit with a dense Jacobian, and matrix-free (whose GMRES atol follows atol).
+    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", dense_max)
+    X = jr.normal(getkey(), (10, 3))
+    loss = flowsim.losses.square(X, jr.normal(getkey(), (10, 2)))
+    net = MLP((3, 4, 2), "tanh", key=getkey())
+    with count_compilations("_flow_solve") as c:
+        for tol, t1 in ((1e-6, 1.0), (1e-8, 2.0), (1e-10, 1.5)):
+            traj = flowsim.gradient_flow(net, loss, t1, solver=solver, rtol=tol, atol=tol)
+            assert bool(traj.succeeded)
+    assert c["n"] == 1, f"{solver}: compiled {c['n']} times for 3 tolerances"
