@@ -45,8 +45,12 @@ def _setup(quick: bool):
         # Small nets need a larger initial variance to leave the origin within 1000 steps.
         return dict(sizes=(40, 12, 12, 4), n=40, steps=1000, save_every=10, eta0=3.0, delta=0.25,
                     variance=1e-2, flow_steps=0, flow_max_steps=4000, rtol=1e-7)
-    return dict(sizes=(1000, 100, 100, 10), n=1000, steps=10_000, save_every=50, eta0=5.0,
-                delta=0.25, variance=1e-4, flow_steps=200, flow_max_steps=1500, rtol=1e-6)
+    # eta0 = 2, delta = 0.1: both inits converge in 10,000 steps (loss ~5e-4, horizon t = 195).
+    # With eta0 = 5, delta = 0.25 (horizon 183) the first steps catapult the unbalanced net:
+    # its gap |‖W2‖²−‖W3‖²| jumps from 0.9 to 34 (exactly as the GD ledger predicts) and
+    # "barely move" fails (3.9x the initial gap); the flow from the same init keeps it to 4e-5.
+    return dict(sizes=(1000, 100, 100, 10), n=1000, steps=10_000, save_every=50, eta0=2.0,
+                delta=0.1, variance=1e-4, flow_steps=200, flow_max_steps=1500, rtol=1e-6)
 
 
 def _stack(*models):
@@ -196,9 +200,10 @@ def body(rep: Report) -> None:
         ax.axhline(1.0, color="k", lw=0.6, ls="--")
         finish(ax, xlabel="GD iteration", ylabel="ratio of squared norms", logy=(i == 1),
                title=f"{lab} init: ratios")
-        if i == 1:  # plain numbers on the log axis (not 4×10⁰)
-            ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+        if i == 1:  # plain numbers on the log axis (not 4×10⁰), few enough not to collide
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     fig.suptitle(f"Du, Hu, Lee 2018, Fig 2: ReLU net {'→'.join(map(str, sizes))}, n={n}, "
                  f"GD η_k={cfg['eta0']:g}(k+1)^-{0.5 + cfg['delta']:g}", fontsize=11)
     rep.save_figure(fig, "fig2.png")
