@@ -256,3 +256,29 @@ def test_new_tolerances_and_horizon_do_not_recompile(getkey, monkeypatch, solver
             traj = flowsim.gradient_flow(net, loss, t1, solver=solver, rtol=tol, atol=tol)
             assert bool(traj.succeeded)
     assert c["n"] == 1, f"{solver}: compiled {c['n']} times for 3 tolerances"
+
+
+def test_layer_gap_drift_statistic(getkey):
+    # Homogeneous networks report the a-posteriori check stats["layer_gap_drift"]: max over
+    # saved times and layers of |gap_t - gap_0| / max squared norm, per trajectory.
+    X = jr.normal(getkey(), (12, 3))
+    loss = flowsim.losses.square(X, jr.normal(getkey(), (12, 2)))
+    nets = flowsim.init.batch(lambda k: MLP((3, 5, 4, 2), "linear", key=k), 3, key=getkey())
+    ts = jnp.linspace(0, 3, 7)
+    tight = flowsim.gradient_flow(nets, loss, 3.0, ts=ts, solver="tsit5", rtol=1e-12,
+                                  atol=1e-12, batched=True)
+    loose = flowsim.gradient_flow(nets, loss, 3.0, ts=ts, solver="tsit5", rtol=1e-3,
+                                  atol=1e-3, batched=True)
+    for traj in (tight, loose):
+        d = np.asarray(traj.stats["layer_gap_drift"])
+        assert d.shape == (3,)
+        gaps = np.asarray(inv.drift(traj))  # (B, T, 2)
+        norms = np.asarray(inv.layer_norms(traj.models))
+        expected = np.max(np.abs(gaps), axis=(1, 2)) / np.max(norms, axis=(1, 2))
+        np.testing.assert_allclose(d, expected, rtol=1e-12)
+    # The check can fail: the loose solve drifts far more than the tight one.
+    assert float(np.max(tight.stats["layer_gap_drift"])) <= 1e-9
+    assert float(np.min(loose.stats["layer_gap_drift"])) >= 1e3 * float(
+        np.max(tight.stats["layer_gap_drift"]))
+    tanh = flowsim.gradient_flow(MLP((3, 4, 2), "tanh", key=getkey()), loss, 1.0)
+    assert "layer_gap_drift" not in tanh.stats
