@@ -13,9 +13,9 @@ is reported. Methods:
 - fixed-step RK4 at step alpha / lambda_max, alpha = 1 (the integrator of the edge-of-stability
   code; lambda_max = the largest sharpness along the reference trajectory).
 
-Evaluation counts of the JAX-side methods come from an untimed counting run whose vector field
-reports each gradient and each Hessian-vector product through `jax.debug.callback`; scipy's
-come from its own counters (a dense Jacobian counts as n HVPs).
+Evaluation counts of flowsim's solves come from an untimed run with `count_evals=True` (each
+gradient and each Hessian-vector product reported through a host callback); scipy's from its
+own counters (a dense Jacobian counts as n HVPs).
 
 Targets checked (ratios measured in this run, at equal final error):
 - stiff factorization: flowsim default <= 1.0x scipy LSODA's wall time;
@@ -32,7 +32,6 @@ from functools import partial
 
 import _common
 import _problems
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -91,73 +90,28 @@ def uses_kinks(flat):
     return flowsim_flow._use_kinks("auto", flat.problem.model, flat.problem.loss)
 
 
-def run_flowsim(flat, solver, tol, max_steps, t1=None, kinks="auto"):
+def run_flowsim(flat, solver, tol, max_steps, t1=None, kinks="auto", count_evals=False):
     p = flat.problem
     traj = flowsim.gradient_flow(p.model, p.loss, p.t1 if t1 is None else t1, solver=solver,
                                  rtol=tol, atol=tol, max_steps=max_steps, throw=False,
-                                 kinks=kinks)
+                                 kinks=kinks, count_evals=count_evals)
     jax.block_until_ready(traj.models)
     ok = int(traj.result) == 0
     y = flat.ravel(traj.final_model())
     info = {"num_steps": int(traj.stats["num_steps"]),
             "num_rejected": int(traj.stats["num_rejected_steps"]), "solver": traj.solver}
-    if "num_grad_evals" in traj.stats:  # explicit solvers: exact, stages x steps + 1
-        info.update(grad_evals=int(traj.stats["num_grad_evals"]), hvp_evals=0)
+    if "num_grad_evals" in traj.stats:  # explicit solvers (stages x steps + 1) or counted
+        info.update(grad_evals=int(traj.stats["num_grad_evals"]),
+                    hvp_evals=int(traj.stats.get("num_hvp_evals", 0)))
     if "num_events" in traj.stats:
         info.update(kink_events=int(traj.stats["num_events"]))
     return y, ok, info
 
 
-_COUNTS: Counter = Counter()
-
-
-def _counted(kind, x, n):
-    """x unchanged, but reports how many length-n vectors passed (vmapped: the batch size)."""
-
-    def cb(v):
-        _COUNTS[kind] += v.size // n
-        return np.zeros(v.shape[:-1], v.dtype)
-
-    z = jax.pure_callback(cb, jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), x,
-                          vmap_method="expand_dims")
-    return x + z[..., None]
-
-
-def counting_term(flat):
-    """-grad L with a custom JVP (-H v) that reports each evaluation: for the counting run."""
-    n = flat.n
-
-    @jax.custom_jvp
-    def f(y):
-        return flat.neg_grad(_counted("grad", y, n))
-
-    @f.defjvp
-    def f_jvp(primals, tangents):
-        (y,), (v,) = primals, tangents
-        hv = jax.jvp(jax.grad(flat.loss_flat), (y,), (_counted("hvp", v, n),))[1]
-        return f(y), -hv
-
-    return dfx.ODETerm(lambda t, y, args: f(y))
-
-
-def count_flowsim(flat, solver_name, tol, max_steps):
-    """Replays flowsim's solver configuration on the counting term: evaluation counts."""
-    p = flat.problem
-    name = solver_name
-    if name == "auto":
-        name, _ = flowsim_flow._auto(p.model, p.loss, 0.0, p.t1, flat.n, False)
-    solver = flowsim_flow.make_solver(name, flat.n)
-    controller = dfx.PIDController(rtol=tol, atol=tol)
-    if isinstance(solver, dfx.AbstractImplicitSolver):
-        controller = dfx.ClipStepSizeController(
-            dfx.PIDController(rtol=tol, atol=tol, pcoeff=0.3, icoeff=0.4),
-            step_ts=np.array([0.0, p.t1]))
-    _COUNTS.clear()
-    sol = dfx.diffeqsolve(counting_term(flat), solver, 0.0, p.t1, None, flat.y0,
-                          stepsize_controller=controller, max_steps=max_steps, throw=False)
-    jax.block_until_ready(sol.ys)
-    return {"grad_evals": _COUNTS["grad"], "hvp_evals": _COUNTS["hvp"],
-            "count_steps": int(sol.stats["num_steps"])}
+def count_flowsim(flat, solver, tol, max_steps, kinks):
+    """Evaluation counts from an untimed run with `count_evals=True` (exact for any solver)."""
+    _, _, info = run_flowsim(flat, solver, tol, max_steps, kinks=kinks, count_evals=True)
+    return {"grad_evals": info["grad_evals"], "hvp_evals": info["hvp_evals"]}
 
 
 def run_scipy(flat, method, tol):
@@ -330,14 +284,14 @@ def bench_problem(problem, *, stiff, tols, methods, repeats, quick, time_budget_
             # "diffrax:tsit5": flowsim's plain diffrax path (kinks="smooth"), the baseline.
             kinks = "smooth" if name.startswith("diffrax:") else "auto"
             solver = solver.strip()
-            # The counting replay mirrors the plain diffrax path only.
-            replay = kinks == "smooth" or not uses_kinks(flat)
+            # count_evals counts smooth solves (the exact-kink path reports its events).
+            countable = kinks == "smooth" or not uses_kinks(flat)
             for tol in tols:
                 record(name, tol,
                        lambda s=solver, tol=tol, k=kinks: run_flowsim(flat, s, tol, max_steps,
                                                                       kinks=k),
-                       count=(lambda s=solver, tol=tol: count_flowsim(flat, s, tol, max_steps))
-                       if replay else None,
+                       count=(lambda s=solver, tol=tol, k=kinks: count_flowsim(
+                           flat, s, tol, max_steps, k)) if countable else None,
                        warm=lambda s=solver, tol=tol, k=kinks: run_flowsim(
                            flat, s, tol, max_steps, t1=problem.t1 * 1e-3, kinks=k))
         elif name.startswith("scipy "):

@@ -1,6 +1,8 @@
 """Gradient flow d theta/dt = -grad L(theta), integrated by diffrax."""
 
+import itertools
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -37,12 +39,13 @@ rtol ~ 1e-10 needs anyway; above it, stability dominates and an L-stable implici
 GMRES_RTOL = 1e-4
 """Relative residual at which GMRES stops inside each Newton iteration (matrix-free path).
 
-Its absolute tolerance is 1e-2 x the step controller's `atol`. Both matter, measured on a
-tanh MLP (60 -> 30 -> 30 -> 5, t1 = 20, rtol = atol = 1e-8): GMRES with rtol 1e-3 and atol 0
-left Kvaerno5 stuck at tiny steps (5,000 steps without reaching t1: the inexact stage solves
-polluted the embedded error estimate); with atol tied to the step tolerance it takes 44 steps
-(Tsit5: 45) and 575 loss evaluations including Hessian-vector products (Tsit5: 272), the same
-for GMRES rtol 1e-4, 1e-8 and 1e-10 — 1e-4 is the cheapest per iteration.
+Its absolute tolerance is 1e-2 x the step controller's `atol`. Both matter: GMRES with rtol
+1e-3 and atol 0 left Kvaerno5 stuck at tiny steps on a tanh MLP (60 -> 30 -> 30 -> 5, t1 = 20,
+rtol = atol = 1e-8: 5,000 steps without reaching t1; the inexact stage solves polluted the
+embedded error estimate). With atol tied to the step tolerance the absolute bound is the one
+that stops GMRES: on that MLP (100 Gaussian points, keys 0 / 1 / 2) Kvaerno5 takes 59 steps,
+778 gradients and 17,804 Hessian-vector products (`count_evals=True`) for GMRES rtol 1e-4 and
+1e-8 alike (Tsit5: 74 steps, 445 gradients) — 1e-4 is the cheapest per iteration.
 """
 
 EXACT_KINKS_MAX_SURFACES = 20_000
@@ -118,16 +121,74 @@ def _is_implicit(solver) -> bool:
     return isinstance(solver, dfx.AbstractImplicitSolver)
 
 
+# Evaluation counts of the solves run with `count_evals=True`: token -> {kind: per-member counts}.
+_COUNTS: dict[int, dict[str, np.ndarray]] = {}
+_COUNTS_LOCK = threading.Lock()
+_TOKENS = itertools.count()
+
+
+def _tick(kind: str, token, member, probe):
+    """A zero that, when computed, adds one `kind` evaluation per lane to member's host count.
+
+    `probe` is a scalar of the evaluated point (or tangent): it ties the callback to each
+    evaluation, also inside `jax.linearize`d and `jax.jacfwd`ed (vmapped) Hessian products,
+    where every lane of the vmap is one evaluation.
+    """
+
+    def count(token, member, probe):
+        member, probe = np.broadcast_arrays(member, probe)
+        with _COUNTS_LOCK:
+            counts = _COUNTS[int(np.ravel(token)[0])][kind]
+            np.add.at(counts, member.ravel(), 1)
+        return np.zeros(probe.shape, probe.dtype)
+
+    return jax.pure_callback(
+        count, jax.ShapeDtypeStruct((), probe.dtype), token, member, probe,
+        vmap_method="expand_dims",
+    )
+
+
+def _probe(tree):
+    return jax.tree.leaves(tree)[0].ravel()[0]
+
+
+def _counting_field(grad, token, member):
+    """-grad L with a custom JVP (-H v) that counts each gradient and each Hessian-vector product.
+
+    The values are unchanged (each gets + 0.0 from the counting callback); diffrax's implicit
+    solvers only ever differentiate the vector field forward (Newton: JVPs; dense Jacobians:
+    vmapped JVPs), which is what the JVP rule sees.
+    """
+
+    @jax.custom_jvp
+    def field(p, token, member):
+        zero = _tick("grad", token, member, _probe(p))
+        return jax.tree.map(lambda g: -(g + zero), grad(p))
+
+    @field.defjvp
+    def field_jvp(primals, tangents):
+        p, token, member = primals
+        g, hv = jax.jvp(grad, (p,), (tangents[0],))
+        # The gradient once per linearisation, the product once per tangent (per application).
+        g_zero = _tick("grad", token, member, _probe(p))
+        hv_zero = _tick("hvp", token, member, _probe(tangents[0]))
+        return (jax.tree.map(lambda a: -(a + g_zero), g),
+                jax.tree.map(lambda h: -(h + hv_zero), hv))
+
+    return lambda p: field(p, token, member)
+
+
 @eqx.filter_jit
-def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched):
-    def vector_field(t, p, args):
-        del t, args
-        g = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))(p)
-        return jax.tree.map(jnp.negative, g)
+def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched,
+                token=None):
+    grad = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))
 
-    term = dfx.ODETerm(vector_field)
-
-    def single(p):
+    def single(p, member):
+        if token is None:
+            field = lambda q: jax.tree.map(jnp.negative, grad(q))  # noqa: E731
+        else:
+            field = _counting_field(grad, token, member)
+        term = dfx.ODETerm(lambda t, q, args: field(q))
         sol = dfx.diffeqsolve(
             term, solver, t0, t1, dt0, p,
             saveat=dfx.SaveAt(subs=[
@@ -149,8 +210,9 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
         return saved, losses, sol.result._value, stats
 
     if batched:
-        single = jax.vmap(single)
-    return single(params)
+        batch = jax.tree.leaves(params)[0].shape[0]
+        return jax.vmap(single)(params, jnp.arange(batch))
+    return single(params, jnp.asarray(0))
 
 
 def gradient_flow(
@@ -169,6 +231,7 @@ def gradient_flow(
     throw: bool = True,
     kinks: str = "auto",
     max_events: int = 10_000,
+    count_evals: bool = False,
 ) -> Trajectory:
     """Integrates the gradient flow d theta/dt = -grad L(theta) of an Equinox model with diffrax.
 
@@ -202,13 +265,21 @@ def gradient_flow(
       data has at most `EXACT_KINKS_MAX_SURFACES` pre-activation surfaces (points x hidden
       units), smooth otherwise. `Trajectory.kinks` says which was used.
     - `max_events`: with exact kinks, the most pattern changes before the solve is failed.
+    - `count_evals`: count every gradient and Hessian-vector product the solver evaluates
+      (`stats["num_grad_evals"]`, `stats["num_hvp_evals"]`) through a host callback: exact
+      for any solver, implicit ones included (diffrax does not report their Newton / GMRES
+      work), at the cost of a host round trip per evaluation. Under `batched=True` a member
+      counts what its vmap lane evaluated: vmap runs every lane's loops (steps, Newton, GMRES)
+      until the slowest member's stop, so lanes report the batch's work, not their own. Not
+      for the exact-kink path.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
 
     **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `result` (0 = success) and
     `stats` (`num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_grad_evals` for
-    explicit solvers; with exact kinks `num_events`, `num_crossings`, `num_sliding_intervals`;
+    explicit solvers (stages x steps + 1) or with `count_evals`, then also `num_hvp_evals`;
+    with exact kinks `num_events`, `num_crossings`, `num_sliding_intervals`;
     for homogeneous networks `layer_gap_drift`, the largest change of a layer gap
     ||W_h||^2 - ||W_h+1||^2 over the saved times relative to the largest squared norm: the flow
     conserves the gaps, so this is the solve's a-posteriori error check).
@@ -264,19 +335,40 @@ def gradient_flow(
         controller = dfx.ClipStepSizeController(controller, step_ts=ts_arr)
     ts_j = jnp.asarray(ts_arr, dtype)
     exact = _use_kinks(kinks, split_batch(params, static, batched), loss)
+    if not isinstance(count_evals, bool):
+        raise TypeError(f"`count_evals` must be True or False, got {count_evals!r}")
+    if count_evals and exact:
+        raise ValueError(
+            "count_evals=True counts the evaluations of a smooth solve, but this one takes the "
+            "exact-kink path (kinks='exact', or 'auto' on a small ReLU problem); pass "
+            "kinks='smooth' or count_evals=False"
+        )
     if exact:
         saved, losses, result, stats = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
             batch if batched else None,
         )
     else:
-        saved, losses, result, stats = _flow_solve(
-            params, static, loss, solver, controller, jnp.asarray(t0, dtype),
-            jnp.asarray(t1, dtype), ts_j, None if dt0 is None else jnp.asarray(dt0, dtype),
-            max_steps, batched,
-        )
+        token = next(_TOKENS) if count_evals else None
+        if token is not None:
+            lanes = batch if batched else 1
+            _COUNTS[token] = {"grad": np.zeros(lanes, np.int64), "hvp": np.zeros(lanes, np.int64)}
+        try:
+            saved, losses, result, stats = _flow_solve(
+                params, static, loss, solver, controller, jnp.asarray(t0, dtype),
+                jnp.asarray(t1, dtype), ts_j, None if dt0 is None else jnp.asarray(dt0, dtype),
+                max_steps, batched, None if token is None else jnp.asarray(token, jnp.int32),
+            )
+            jax.block_until_ready((saved, stats))
+        finally:
+            counts = _COUNTS.pop(token, None)
         stages = _STAGES.get(type(solver))
-        if stages is not None:
+        if counts is not None:
+            shape = jnp.shape(result)
+            stats = dict(stats, **{
+                f"num_{kind}_evals": jnp.asarray(n.reshape(shape)) for kind, n in counts.items()
+            })
+        elif stages is not None:
             stats = dict(stats, num_grad_evals=stages * stats["num_steps"] + 1)
     stats = dict(stats, max_steps=jnp.full_like(result, max_steps))
     single = split_batch(params, static, batched)

@@ -282,3 +282,94 @@ def test_layer_gap_drift_statistic(getkey):
         np.max(tight.stats["layer_gap_drift"]))
     tanh = flowsim.gradient_flow(MLP((3, 4, 2), "tanh", key=getkey()), loss, 1.0)
     assert "layer_gap_drift" not in tanh.stats
+
+
+def test_counting_field_counts_each_evaluation():
+    # The instrument itself: k JVPs are k gradients and k products; a linearisation applied
+    # m times is 1 gradient and m products; a dense Jacobian (vmapped JVPs) is n products.
+    from flowsim import _flow
+
+    A = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
+    grad = jax.grad(lambda p: 0.5 * p @ A @ p)
+    token = next(_flow._TOKENS)
+    _flow._COUNTS[token] = {"grad": np.zeros(1, np.int64), "hvp": np.zeros(1, np.int64)}
+    field = jax.jit(lambda p: _flow._counting_field(grad, jnp.asarray(token), jnp.asarray(0))(p))
+    p, v = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, 1.0, 0.0])
+
+    def counts():
+        jax.effects_barrier()
+        return {k: int(n[0]) for k, n in _flow._COUNTS[token].items()}
+
+    np.testing.assert_array_equal(field(p), -A @ p)
+    assert counts() == {"grad": 1, "hvp": 0}
+    for _ in range(3):
+        _, hv = jax.jit(lambda p, v: jax.jvp(field, (p,), (v,)))(p, v)
+    np.testing.assert_array_equal(hv, -A @ v)
+    assert counts() == {"grad": 4, "hvp": 3}
+    _, lin = jax.linearize(field, p)
+    for _ in range(5):
+        lin(v)
+    assert counts() == {"grad": 5, "hvp": 8}
+    np.testing.assert_array_equal(jax.jacfwd(field)(p), -A)
+    assert counts() == {"grad": 6, "hvp": 11}
+    del _flow._COUNTS[token]
+
+
+@pytest.mark.parametrize("solver, dense_max", [("tsit5", 2000), ("kvaerno5", 2000),
+                                               ("kvaerno5", 0)])
+def test_count_evals_is_exact_and_changes_nothing(getkey, monkeypatch, solver, dense_max):
+    # count_evals=True: the trajectory is bitwise the uncounted one; Tsit5's count equals
+    # stages x steps + 1; every gradient is a forward pass of the loss, which an independent
+    # host counter on the loss sees (Hessian products reuse a linearisation, or are vmapped
+    # over the basis for a dense Jacobian: n products per Jacobian).
+    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", dense_max)
+    import equinox as eqx
+
+    forward = {"n": 0}
+
+    class CountedLoss(eqx.Module):
+        loss: eqx.Module
+
+        def __call__(self, model):
+            jax.debug.callback(lambda: forward.__setitem__("n", forward["n"] + 1))
+            return self.loss(model)
+
+    X = jr.normal(getkey(), (10, 3))
+    loss = CountedLoss(flowsim.losses.square(X, jr.normal(getkey(), (10, 2))))
+    net = MLP((3, 4, 2), "tanh", key=getkey())
+    n = sum(x.size for x in jax.tree.leaves(eqx.filter(net, eqx.is_array)))
+    plain = flowsim.gradient_flow(net, loss, 2.0, solver=solver, rtol=1e-8, atol=1e-8)
+    forward["n"] = 0
+    counted = flowsim.gradient_flow(net, loss, 2.0, solver=solver, rtol=1e-8, atol=1e-8,
+                                    count_evals=True)
+    jax.effects_barrier()
+    assert tree_max_abs_diff(plain.models, counted.models) == 0.0
+    grads, hvps = int(counted.stats["num_grad_evals"]), int(counted.stats["num_hvp_evals"])
+    passes = forward["n"] - 1  # minus the saved losses' one (vmapped) evaluation
+    if solver == "tsit5":
+        assert grads == passes and grads == int(plain.stats["num_grad_evals"]) and hvps == 0
+    elif dense_max:
+        # A dense Jacobian is n products sharing one forward pass (its gradient is unused).
+        assert hvps > 0 and hvps % n == 0, (hvps, n)
+        assert grads + hvps // n == passes, (grads, hvps // n, passes)
+    else:  # Newton-GMRES: a linearisation (one gradient) per iteration, then GMRES products
+        assert grads == passes
+        assert hvps >= grads - 2 * int(counted.stats["num_steps"]), (hvps, grads)
+
+
+def test_count_evals_batched_reports_lanes(getkey):
+    X = jr.normal(getkey(), (10, 3))
+    loss = flowsim.losses.square(X, jr.normal(getkey(), (10, 2)))
+    nets = flowsim.init.batch(lambda k: MLP((3, 4, 2), "tanh", key=k), 3, key=getkey())
+    batch = flowsim.gradient_flow(nets, loss, 2.0, solver="kvaerno5", batched=True,
+                                  count_evals=True)
+    singles = [flowsim.gradient_flow(_member(nets, i), loss, 2.0, solver="kvaerno5",
+                                     count_evals=True) for i in range(3)]
+    own = [int(s.stats["num_hvp_evals"]) for s in singles]
+    lanes = np.asarray(batch.stats["num_hvp_evals"])
+    # vmap runs every lane until the slowest member stops: each lane did at least the most
+    # any member needed on its own.
+    assert lanes.shape == (3,) and np.all(lanes >= max(own)), (lanes, own)
+    relu = MLP((3, 4, 2), "relu", key=getkey())
+    with pytest.raises(ValueError, match="count_evals=True counts the evaluations of a smooth"):
+        flowsim.gradient_flow(relu, loss, 1.0, count_evals=True)
