@@ -14,6 +14,8 @@ from flowsim import invariants as inv
 from flowsim._kinks import _Patterned, kink_flow
 from flowsim.models import MLP, TwoLayerReLU
 
+from .helpers import tree_max_abs_diff
+
 T = 100.0
 
 
@@ -257,8 +259,15 @@ def test_sliding_slopes_solve_coupled_layers():
     sliding = [0 * 4 + 0, 5 * 4 + 0 * 4 + 1]  # (point 0, unit 0) in layer 1, (0, 1) in layer 2
     assert float(jnp.max(jnp.abs(z[jnp.array(sliding)]))) <= 1e-14
     mask = (z > 0).astype(z.dtype)
-    idx, valid = _sliding_arrays(sliding)
-    new_mask, lam = problem.sliding_mask(params, mask, idx, valid)
+    # The per-point path (rows of the sliding entries' points only) and the full one agree.
+    new_mask, lam, field = problem.sliding(params, mask,
+                                           _sliding_arrays(sliding, problem.shapes, True))
+    full_mask, full_lam, _ = problem.sliding(params, mask,
+                                             _sliding_arrays(sliding, problem.shapes, False))
+    assert float(jnp.max(jnp.abs(lam - full_lam))) <= 1e-12, (lam, full_lam)
+    reference = problem.field(params, new_mask)
+    scale_f = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(reference))
+    assert tree_max_abs_diff(field, reference) <= 1e-14 * scale_f
     zdot = problem.zdot(params, new_mask)
 
     def z_sliding(l1, l2):
@@ -292,3 +301,39 @@ def test_auto_is_exact_up_to_the_surface_limit():
     assert forced.kinks == "exact"
     tanh = MLP((2, 3, 1), "tanh", key=jr.key(0))
     assert flowsim.gradient_flow(tanh, loss, 1e-3).kinks is None
+
+
+@pytest.mark.parametrize(
+    "name, f, lower, upper, root, max_evals",
+    [
+        # a simple root: superlinear (bisection needs 2 + 52 evaluations on [0, 1])
+        ("smooth", lambda t: 0.3 - t + 0.2 * t**2, 0.0, 1.0, (5 - 19**0.5) / 2, 12),
+        ("steep", lambda t: jnp.exp(-50 * t) - 1e-3, 0.0, 1.0, np.log(1e3) / 50, 25),
+        # a min over entries, kinked in t (the event function of several pre-activations)
+        ("min", lambda t: jnp.minimum(0.7 - t, 1.2 * (0.5 - t) + 0.1), 0.0, 1.0, 7 / 12, 12),
+        # a triple root: regula falsi stalls, the bisection safeguard bounds the cost
+        ("triple", lambda t: -((t - 0.25) ** 3), 0.0, 1.0, 0.25, 3 * 54),
+        # a tiny bracket on an event time far from 0 (rtol matters)
+        ("offset", lambda t: 20.0 + 1e-7 - t, 19.9, 20.1, 20.0 + 1e-7, 12),
+    ],
+)
+def test_illinois_event_root_finder(name, f, lower, upper, root, max_evals):
+    import optimistix as optx
+
+    from flowsim._kinks import _ROOT_FINDER
+
+    calls = {"n": 0}
+
+    def fn(t, args):
+        jax.debug.callback(lambda: calls.__setitem__("n", calls["n"] + 1))
+        return f(t)
+
+    sol = optx.root_find(fn, _ROOT_FINDER, jnp.asarray(upper),
+                         options=dict(lower=lower, upper=upper), throw=False)
+    jax.effects_barrier()
+    t = float(sol.value)
+    tol = 1e-15 + 1e-15 * abs(root)
+    # Within the bracket tolerance (plus rounding of the root itself), on the far side.
+    assert abs(t - root) <= 4 * tol + 4 * np.spacing(root), (name, t - root)
+    assert float(f(jnp.asarray(t))) <= 0.0
+    assert calls["n"] <= max_evals, (name, calls["n"])
