@@ -89,10 +89,10 @@ class _Problem(eqx.Module):
         return jax.jvp(lambda q: self.pre(q, mask), (p,), (self.field(p, mask),))[1]
 
     def rows(self, p, mask, pts):
-        """The pre-activations (k, sum of widths) of data points `pts` on the pattern `mask`."""
+        """The pre-activations of data points `pts` on the pattern `mask`, one row per point."""
         pattern = tuple(z[pts] for z in self.unflatten(mask))
         _, zs = self.model(p).forward(self.loss.X[pts], pattern)
-        return jnp.concatenate(zs, axis=1)
+        return jnp.concatenate([z.reshape(z.shape[0], -1) for z in zs], axis=1)
 
     def rows_field(self, p, mask, pts, weights):
         """-grad of sum_i weights_i loss_{pts_i}: the field's part from points `pts`.
@@ -343,7 +343,7 @@ def _lambdas(problem, p, mask, sl):
 
 def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
     """The device arrays for the sliding entries (flat indices into the concatenated
-    pre-activations, whose per-layer shapes are `shapes` = ((points, width), ...))."""
+    pre-activations, whose per-layer shapes are `shapes` = ((points, ...), ...))."""
     k = _bucket(len(sliding))
     idx = np.zeros(k, np.int64)
     valid = np.zeros(k, bool)
@@ -353,7 +353,7 @@ def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
         return _Sliding(jnp.asarray(idx), jnp.asarray(valid))
     sizes = np.array([math.prod(s) for s in shapes])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    widths = np.array([s[1] for s in shapes])
+    widths = np.array([math.prod(s[1:]) for s in shapes])  # entries per point, per layer
     cols = np.concatenate([[0], np.cumsum(widths)[:-1]])
     layer = np.searchsorted(starts, idx, side="right") - 1
     point, unit = np.divmod(idx - starts[layer], widths[layer])

@@ -337,3 +337,37 @@ def test_illinois_event_root_finder(name, f, lower, upper, root, max_evals):
     assert abs(t - root) <= 4 * tol + 4 * np.spacing(root), (name, t - root)
     assert float(f(jnp.asarray(t))) <= 0.0
     assert calls["n"] <= max_evals, (name, calls["n"])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "convnet"])
+def test_sliding_rows_equal_full_field(arch):
+    # The per-point sliding solve (rows of the sliding entries' points) against the full one
+    # for entries in different layers and points, on an MLP and on a ConvNet (whose
+    # pre-activations are (points, channels, height, width)); the algebra holds off the
+    # surfaces too, so any entries will do.
+    from flowsim._kinks import _Problem, _sliding_arrays
+    from flowsim.models import ConvNet
+
+    k1, k2, k3 = jr.split(jr.key(4), 3)
+    if arch == "mlp":
+        X = jr.normal(k1, (6, 3))
+        net = MLP((3, 5, 4, 2), "relu", key=k3)
+        Y = jr.normal(k2, (6, 2))
+    else:
+        X = jr.normal(k1, (4, 1, 6, 6))
+        net = ConvNet((1, 6, 6), (3, 2), 2, kernel_size=3, key=k3)
+        Y = jr.normal(k2, (4, 2))
+    loss = flowsim.losses.square(X, Y)
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    zs = net.forward(X)[1]
+    problem = _Problem(static, loss, tuple(z.shape for z in zs))
+    z = jnp.concatenate([v.ravel() for v in zs])
+    mask = (z > 0).astype(z.dtype)
+    first = zs[0].size
+    sliding = [1, 7, first + 3, z.size - 2]  # two points of layer 1, two of layer 2
+    rows = problem.sliding(params, mask, _sliding_arrays(sliding, problem.shapes, True))
+    full = problem.sliding(params, mask, _sliding_arrays(sliding, problem.shapes, False))
+    assert float(jnp.max(jnp.abs(rows[1] - full[1]))) <= 1e-10, (rows[1], full[1])
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(full[2]))
+    assert tree_max_abs_diff(rows[2], full[2]) <= 1e-12 * scale
+    assert tree_max_abs_diff(rows[2], problem.field(params, full[0])) <= 1e-12 * scale
