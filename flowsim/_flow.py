@@ -456,10 +456,14 @@ def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:
     for i in bad[:5]:
         code = int(result[i])
         msgs.append(f"trajectory {i}: {_result_message(code)}")
-    advice = (
-        f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff solver "
-        f"(solver='kvaerno5') if the problem is stiff; pass throw=False to keep the other results"
-    )
+    if all(int(result[i]) == -1 for i in bad):  # only the exact-kink event budget ran out
+        advice = "pass throw=False to keep the other results"
+    else:
+        advice = (
+            f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff solver "
+            f"(solver='kvaerno5') if the problem is stiff; pass throw=False to keep the other "
+            f"results"
+        )
     text = f"gradient flow failed: {'; '.join(msgs)}{' ...' if bad.size > 5 else ''}. {advice}"
     if throw:
         raise FlowFailed(text)

@@ -371,3 +371,16 @@ def test_sliding_rows_equal_full_field(arch):
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(full[2]))
     assert tree_max_abs_diff(rows[2], full[2]) <= 1e-12 * scale
     assert tree_max_abs_diff(rows[2], problem.field(params, full[0])) <= 1e-12 * scale
+
+
+def test_event_budget_failure_names_max_events():
+    X = jnp.array([[1.0, 0.2], [0.3, 1.0], [-0.8, 0.5]])
+    Y = jnp.array([[1.0], [0.5], [-0.3]])
+    net = MLP((2, 3, 1), "relu", init_std=0.5, key=jr.key(3))
+    loss = flowsim.losses.square(X, Y)
+    with pytest.raises(flowsim.FlowFailed, match="more kink events than max_events") as err:
+        flowsim.gradient_flow(net, loss, 10.0, kinks="exact", max_events=0)
+    assert "max_steps" not in str(err.value)
+    with pytest.warns(flowsim.FlowWarning, match="raise max_events"):
+        traj = flowsim.gradient_flow(net, loss, 10.0, kinks="exact", max_events=0, throw=False)
+    assert int(traj.result) == -1 and float(traj.stats["t_reached"]) < 10.0
