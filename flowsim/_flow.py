@@ -183,7 +183,7 @@ def _counting_field(grad, token, member):
 
 @eqx.filter_jit
 def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched,
-                token=None):
+                token=None, progress=False):
     grad = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))
 
     def single(p, member):
@@ -201,6 +201,7 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
             stepsize_controller=controller,
             max_steps=max_steps,
             throw=False,
+            progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
         )
         saved, t_reached = sol.ys
         losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))(saved)
@@ -235,6 +236,7 @@ def gradient_flow(
     kinks: str = "auto",
     max_events: int = 10_000,
     count_evals: bool = False,
+    progress: bool = False,
 ) -> Trajectory:
     """Integrates the gradient flow d theta/dt = -grad L(theta) of an Equinox model with diffrax.
 
@@ -275,6 +277,8 @@ def gradient_flow(
       counts what its vmap lane evaluated: vmap runs every lane's loops (steps, Newton, GMRES)
       until the slowest member's stop, so lanes report the batch's work, not their own. Not
       for the exact-kink path.
+    - `progress`: show a progress bar (tqdm, on stderr) over flow time; with exact kinks it
+      also shows the events met so far.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
@@ -349,7 +353,7 @@ def gradient_flow(
     if exact:
         saved, losses, result, stats = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
-            batch if batched else None,
+            batch if batched else None, progress,
         )
     else:
         token = next(_TOKENS) if count_evals else None
@@ -361,6 +365,7 @@ def gradient_flow(
                 params, static, loss, solver, controller, jnp.asarray(t0, dtype),
                 jnp.asarray(t1, dtype), ts_j, None if dt0 is None else jnp.asarray(dt0, dtype),
                 max_steps, batched, None if token is None else jnp.asarray(token, jnp.int32),
+                bool(progress),
             )
             jax.block_until_ready((saved, stats))
         finally:
@@ -424,13 +429,14 @@ def _use_kinks(kinks: str, model, loss) -> bool:
 
 
 def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps, max_events,
-                batch):
+                batch, progress=False):
     members = [None] if batch is None else range(batch)
     outs, stats, results = [], [], []
     for i in members:
         p = params if i is None else jax.tree.map(lambda x, i=i: x[i], params)
         out, st, res, _ = kink_flow(eqx.combine(p, static), loss, t0, t1, ts, solver, controller,
-                                    max_steps, max_events)
+                                    max_steps, max_events, progress=progress,
+                                    label="" if i is None else f"member {i}")
         outs.append(out)
         stats.append(st)
         results.append(res)

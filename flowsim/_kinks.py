@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+import tqdm
 
 
 class _Patterned(eqx.Module):
@@ -379,13 +380,24 @@ def _bucket(k: int) -> int:
     return 0 if k == 0 else 1 << (k - 1).bit_length()
 
 
-def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record=False):
+def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record=False,
+              progress=False, label=""):
     """Single-trajectory exact flow.
 
     Returns `(saved params at ts, stats dict, result code, pieces)`; `pieces` (with
     `record=True`, else empty) lists each smooth piece as a dict with its start/end times and
-    states, the activation mask, the sliding entries, and what ended it.
+    states, the activation mask, the sliding entries, and what ended it. `progress` shows a
+    tqdm bar over flow time with the events met and the entries sliding.
     """
+    with tqdm.tqdm(total=float(t1) - float(t0), disable=not progress, unit="t",
+                   desc=f"exact kinks {label}".strip(), leave=False,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| t={n:.4g}/{total:.4g} "
+                              "[{elapsed}<{remaining}{postfix}]") as bar:
+        return _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events,
+                          record, bar)
+
+
+def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record, bar):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     X = loss.X
     zs = model.forward(X)[1]
@@ -412,6 +424,8 @@ def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events
     result = 0
     pieces = []
     while True:
+        if bar.n and stats["num_events"] % 10 == 0:
+            bar.set_postfix(events=stats["num_events"], sliding=len(sliding), refresh=False)
         ts_piece = np.maximum(ts, t)
         ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(
             problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype), jnp.asarray(ts_piece),
@@ -434,6 +448,7 @@ def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events
         if record:
             pieces.append({"t0": t, "t1": float(t_end), "p0": p, "p1": y_end, "mask": mask.copy(),
                            "sliding": list(sliding), "events": []})
+        bar.update(t_end - t)
         p = y_end
         t = t_end
         event = res == dfx.RESULTS.event_occurred._value

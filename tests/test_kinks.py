@@ -1,5 +1,7 @@
 """Exact gradient flow through ReLU kinks: events, crossings, Filippov sliding."""
 
+import re
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -384,3 +386,18 @@ def test_event_budget_failure_names_max_events():
     with pytest.warns(flowsim.FlowWarning, match="raise max_events"):
         traj = flowsim.gradient_flow(net, loss, 10.0, kinks="exact", max_events=0, throw=False)
     assert int(traj.result) == -1 and float(traj.stats["t_reached"]) < 10.0
+
+
+@pytest.mark.parametrize("kinks", ["exact", "smooth"])
+def test_progress_bar_changes_nothing(kinks, capsys):
+    X = jnp.array([[1.0, 0.2], [0.3, 1.0], [-0.8, 0.5]])
+    Y = jnp.array([[1.0], [0.5], [-0.3]])
+    net = MLP((2, 3, 1), "relu", init_std=0.5, key=jr.key(3))
+    loss = flowsim.losses.square(X, Y)
+    quiet = flowsim.gradient_flow(net, loss, 10.0, kinks=kinks, solver="tsit5")
+    capsys.readouterr()
+    shown = flowsim.gradient_flow(net, loss, 10.0, kinks=kinks, solver="tsit5", progress=True)
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    assert re.search(r"\d%\|", err) and ("exact kinks" in err) == (kinks == "exact"), err[-300:]
+    assert tree_max_abs_diff(quiet.models, shown.models) == 0.0
