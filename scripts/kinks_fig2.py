@@ -127,7 +127,7 @@ def main():
     print("pattern changes", json.dumps(rows["pattern"]), flush=True)
     early = jnp.linspace(0, args.exact_t, 5)
     exact = solve(net, loss, args.t1, args.rtol, "exact", ts=early, max_steps=50_000,
-                  max_events=args.exact_events)
+                  max_events=args.exact_events, progress=True)
     rows["smooth_to_exact_t"] = solve(net, loss, args.exact_t, args.rtol, "smooth", ts=early)
     print("smooth to --exact-t", json.dumps(rows["smooth_to_exact_t"]), flush=True)
     per_event = exact["wall_s"] / max(exact["num_events"], 1)
