@@ -23,6 +23,7 @@ gradient; each event costs a restart of the solver. So the kink treatment costs 
 to the crossings met, not to the number of surfaces.
 """
 
+import dataclasses
 import math
 
 import diffrax as dfx
@@ -54,8 +55,11 @@ def supports_kinks(model, loss) -> bool:
     )
 
 
+_LSTSQ_RCOND = 1e-12
+
+
 def _lstsq(A, b):
-    return jnp.linalg.lstsq(A, b, rcond=1e-12)[0]
+    return jnp.linalg.lstsq(A, b, rcond=_LSTSQ_RCOND)[0]
 
 
 class _Problem(eqx.Module):
@@ -112,16 +116,19 @@ class _Problem(eqx.Module):
         total = lambda q: jnp.sum(weights * jax.vmap(lambda i: point_loss(q, i))(pts))  # noqa: E731
         return jax.tree.map(jnp.negative, eqx.filter_grad(total)(p))
 
-    def sliding(self, p, mask, sl):
+    def sliding(self, p, mask, sl, jacobian=False):
         """The sliding entries' slopes chosen so that z_idx' = 0, and the vector field there.
 
         Returns `(mask with the slopes, slopes, field)`. z_idx' is affine in each slope but
         multilinear in all of them when sliding entries of the same data point sit in different
-        layers (the slope of layer l scales what layer l + 1 sees). Newton's method from slopes
-        0 (Jacobian by forward-mode autodiff, steps by least squares) runs until the slopes
-        move by less than `_SLOPE_TOL`, at most `_SLOPE_NEWTON_MAX` times: the first step is
-        exact when the system is affine (the second confirms it), a coupled pair takes a few
-        more.
+        layers (the slope of layer l scales what layer l + 1 sees). Without a guess in `sl`,
+        Newton's method from slopes 0 (Jacobian by forward-mode autodiff, steps by least
+        squares) runs until the slopes move by less than `_SLOPE_TOL`, at most
+        `_SLOPE_NEWTON_MAX` times: the first step is exact when the system is affine (the
+        second confirms it), a coupled pair takes a few more. Each Jacobian costs k residuals
+        (k sliding entries). With a guess (`sl.lam`, `sl.pinv`: the slopes and the Jacobian's
+        pseudo-inverse at the start of the piece, from `slope_guess`) chord iterations start
+        there, one residual each, and Newton takes over after `_CHORD_STEPS` of them.
 
         The slopes only change the loss terms of the sliding entries' data points, so for a
         per-point loss (`flowsim.losses.square` / `logistic`) the field at slopes lambda is
@@ -160,28 +167,68 @@ class _Problem(eqx.Module):
         both = valid[:, None] & valid[None, :]
         eye = jnp.eye(k, dtype=mask.dtype)
 
-        def newton(carry):
-            lam, _, i = carry
+        def newton_step(lam):
             J, r = jax.jacfwd(lambda x: (residual(x), residual(x)), has_aux=True)(lam)
             # Least squares: when more surfaces slide than a unit has inputs (a unit collapsing
             # onto the origin) the slopes are not unique, the vector field still is.
-            step = _lstsq(jnp.where(both, J, eye), r)
-            return lam - step, jnp.max(jnp.abs(step)), i + 1
+            return _lstsq(jnp.where(both, J, eye), r)
+
+        zeros = jnp.zeros(k, mask.dtype)
+        if sl.pinv is None:
+            def newton(carry):
+                lam, _, i, _ = carry
+                step = newton_step(lam)
+                return lam - step, jnp.max(jnp.abs(step)), i + 1, carry[3]
+
+            start = zeros
+        else:
+            # Chord iterations with the Jacobian's pseudo-inverse from the piece's start: one
+            # residual (no Jacobian) per iteration, converging fast while theta stays near
+            # there. Newton's method takes over after _CHORD_STEPS of them, or from slopes 0
+            # (as without a guess) as soon as a chord step fails to halve the previous one.
+            def chord(lam, size, i):
+                step = sl.pinv @ residual(lam)
+                new = jnp.max(jnp.abs(step))
+                failed = (i > 0) & (new > 0.5 * size)
+                return (jnp.where(failed, zeros, lam - step), jnp.where(failed, jnp.inf, new),
+                        failed | (i + 1 >= _CHORD_STEPS))
+
+            def newton_(lam, size, i):
+                step = newton_step(lam)
+                return lam - step, jnp.max(jnp.abs(step)), jnp.asarray(True)
+
+            def newton(carry):
+                lam, size, i, use_newton = carry
+                lam, size, use_newton = jax.lax.cond(use_newton, newton_, chord, lam, size, i)
+                return lam, size, i + 1, use_newton
+
+            start = jnp.where(valid, sl.lam, 0.0)
 
         def keep_going(carry):
-            _, size, i = carry
+            _, size, i, _ = carry
             return (size > _SLOPE_TOL) & (i < _SLOPE_NEWTON_MAX)
 
-        start = (jnp.zeros(k, mask.dtype), jnp.asarray(jnp.inf, mask.dtype), jnp.asarray(0))
-        lam, _, _ = jax.lax.while_loop(keep_going, newton, start)
+        carry = (start, jnp.asarray(jnp.inf, mask.dtype), jnp.asarray(0), jnp.asarray(False))
+        lam, _, _, _ = jax.lax.while_loop(keep_going, newton, carry)
         lam = jnp.where(valid, lam, 0.0)
+        if jacobian:
+            J = jax.jacfwd(residual)(lam)
+            return lam, jnp.linalg.pinv(jnp.where(both, J, eye), rtol=_LSTSQ_RCOND)
         return with_slopes(lam), lam, field_at(lam)
+
+    def slope_guess(self, p, mask, sl):
+        """`sl` with the slopes at p and the pseudo-inverse of their Jacobian (Newton from 0),
+        the start of the chord iterations of `sliding` over a piece."""
+        plain = dataclasses.replace(sl, lam=None, pinv=None)
+        lam, pinv = self.sliding(p, mask, plain, jacobian=True)
+        return dataclasses.replace(plain, lam=lam, pinv=pinv)
 
 
 class _Sliding(eqx.Module):
     """The sliding entries (padded to a power of two; `valid` marks the real ones) and, for a
     per-point loss, their data points: `pts` (padded, `pts_valid`), and for each entry its
-    point's slot in `pts` and its column in that point's row of pre-activations (`sub`)."""
+    point's slot in `pts` and its column in that point's row of pre-activations (`sub`).
+    `lam` and `pinv`: the guess for the slopes' chord iterations (`_Problem.slope_guess`)."""
 
     idx: jax.Array
     valid: jax.Array
@@ -189,6 +236,9 @@ class _Sliding(eqx.Module):
     pts_valid: jax.Array | None = None
     slot: jax.Array | None = None
     sub: jax.Array | None = None
+    lam: jax.Array | None = None
+    pinv: jax.Array | None = None
+
 
 
 def _per_point(loss) -> bool:
@@ -197,9 +247,14 @@ def _per_point(loss) -> bool:
     return isinstance(loss, _Square | _Logistic)
 
 
+# A sliding entry is released when its slope is within this of 0 or 1.
+_RELEASE_TOL = 1e-10
 # Newton on the sliding slopes stops when they move by less than this (they live in [0, 1]).
 _SLOPE_TOL = 1e-13
 _SLOPE_NEWTON_MAX = 20
+# Chord iterations before Newton takes over (they converge at the rate theta moves away from
+# the piece's start: a few per solve).
+_CHORD_STEPS = 8
 
 
 class _IllinoisState(eqx.Module):
@@ -235,8 +290,8 @@ class Illinois(optx.AbstractRootFinder):
         lower, upper = options["lower"], options["upper"]
         dtype = jnp.result_type(lower, upper, float)
         lower, upper = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
-        f_lower, _ = fn(lower, args)
-        f_upper, _ = fn(upper, args)
+        f_lower = _total(fn(lower, args)[0])
+        f_upper = _total(fn(upper, args)[0])
         # Rounding can leave the detected sign change unbracketed: treat the ends as +0 / -0.
         f_lower = jnp.maximum(f_lower, jnp.finfo(dtype).tiny)
         f_upper = jnp.minimum(f_upper, 0.0)
@@ -263,6 +318,7 @@ class Illinois(optx.AbstractRootFinder):
         # The first call evaluates the first interior point (y is diffrax's initial guess).
         y = jnp.where(first, self._next(state), y)
         f, aux = fn(y, args)
+        f = _total(f)
         above = f > 0  # the root lies above y
         same = jnp.where(above, state.last_side == 1, state.last_side == -1)
         lower = jnp.where(above, y, state.lower)
@@ -280,6 +336,12 @@ class Illinois(optx.AbstractRootFinder):
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return y, aux, {}
+
+
+def _total(f):
+    """The value of the triggered condition: diffrax passes one value per condition of an
+    event, zero for those that did not trigger."""
+    return sum(jax.tree.leaves(f))
 
 
 # Event times to ~ 4 ulp of t: well below the smooth pieces' tolerance.
@@ -318,11 +380,19 @@ def _release_value(t, y, args, **kwargs):
 
 
 @eqx.filter_jit
-def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, max_steps):
+def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, max_steps,
+           combined=False):
     args = (problem, mask, sl, sign, offset)
-    # One scalar condition (the root finder needs one): both parts start positive, because
-    # sliding entries with a slope already at 0 or 1 are released before a piece starts.
-    event = dfx.Event(_event_value, root_finder=_ROOT_FINDER, direction=False)
+    # Both conditions start positive, because sliding entries with a slope already at 0 or 1
+    # are released before a piece starts. As two conditions diffrax locates only the first
+    # that triggered in the step (crossings: forward passes; releases: a slope solve each);
+    # when both did and the release came first, the caller re-runs the piece with
+    # `combined=True`: the minimum of the two, located as one.
+    if sl.idx.shape[0] and not combined:
+        cond = (_crossing_value, _release_value)
+    else:
+        cond = _event_value
+    event = dfx.Event(cond, root_finder=_ROOT_FINDER, direction=False)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(_vector_field), solver, t0, t1, None, p, args=args,
         saveat=dfx.SaveAt(subs=[dfx.SubSaveAt(ts=ts), dfx.SubSaveAt(t1=True)]),
@@ -338,8 +408,8 @@ def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, m
 
 
 @eqx.filter_jit
-def _lambdas(problem, p, mask, sl):
-    return problem.sliding(p, mask, sl)[1]
+def _slope_guess(problem, p, mask, sl):
+    return problem.slope_guess(p, mask, sl)
 
 
 def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
@@ -419,6 +489,7 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
     filled = np.zeros(ts.shape[0], bool)
     t = float(t0)
     p = params
+    sl = slides(sliding)
     stats = {"num_steps": 0, "num_rejected_steps": 0, "num_events": 0, "num_crossings": 0,
              "num_sliding_intervals": 0, "num_releases": 0}
     result = 0
@@ -427,11 +498,16 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         if bar.n and stats["num_events"] % 10 == 0:
             bar.set_postfix(events=stats["num_events"], sliding=len(sliding), refresh=False)
         ts_piece = np.maximum(ts, t)
-        ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(
-            problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype), jnp.asarray(ts_piece),
-            jnp.asarray(mask), slides(sliding), jnp.asarray(sign), jnp.asarray(offset), solver,
-            controller, max_steps,
-        )
+        piece_args = (problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype),
+                      jnp.asarray(ts_piece), jnp.asarray(mask), sl, jnp.asarray(sign),
+                      jnp.asarray(offset), solver, controller, max_steps)
+        ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args)
+        if sliding and np.min(np.minimum(lam, 1 - lam)[: len(sliding)]) < -_RELEASE_TOL:
+            # A crossing was located but a release came first: locate the earlier of the two.
+            stats["num_steps"] += int(n_steps)
+            stats["num_rejected_steps"] += int(n_rej)
+            ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args,
+                                                                       combined=True)
         stats["num_steps"] += int(n_steps)
         stats["num_rejected_steps"] += int(n_rej)
         t_end = float(t_end)
@@ -462,12 +538,12 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
             result = -1
             break
         z_end = np.asarray(z_end)
-        lam = np.asarray(lam)
+        lam = np.asarray(lam)[: len(sliding)]
         zscale = max(float(np.max(np.abs(z_end))), np.finfo(dtype).tiny)
         delta = 1e-12 * zscale
         # Releases: a sliding entry whose lambda reached 0 or 1 leaves the surface.
         for pos, j in enumerate(list(sliding)):
-            if lam[pos] <= 1e-10 or lam[pos] >= 1 - 1e-10:
+            if lam[pos] <= _RELEASE_TOL or lam[pos] >= 1 - _RELEASE_TOL:
                 side = 1.0 if lam[pos] >= 0.5 else 0.0
                 sliding.remove(j)
                 mask[j] = side
@@ -481,11 +557,11 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         hits = np.flatnonzero(values <= 1e-9 * zscale)
         for j in hits:
             mask_eff = mask.copy()
-            sl = slides(sliding)
+            sl_now = slides(sliding)
             both = []
             for side in (1.0, 0.0):
                 mask_eff[j] = side
-                zd = _zdots(problem, p, jnp.asarray(mask_eff), sl)
+                zd = _zdots(problem, p, jnp.asarray(mask_eff), sl_now)
                 both.append(float(zd[j]))
             zd_plus, zd_minus = both
             was_active = sign[j] > 0
@@ -513,10 +589,15 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
                     pieces[-1]["events"].append(("cross", int(j)))
         # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
         # released before the next piece, so the release condition starts positive.
-        while sliding:
-            lam_now = np.asarray(_lambdas(problem, p, jnp.asarray(mask), slides(sliding)))
+        # The next piece starts its slope solves from the slopes here (`slope_guess`).
+        while True:
+            sl = slides(sliding)
+            if not sliding:
+                break
+            sl = _slope_guess(problem, p, jnp.asarray(mask), sl)
+            lam_now = np.asarray(sl.lam)
             out_of_range = [pos for pos in range(len(sliding))
-                            if not (1e-10 < lam_now[pos] < 1 - 1e-10)]
+                            if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
             if not out_of_range:
                 break
             pos = out_of_range[0]

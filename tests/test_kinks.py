@@ -236,18 +236,15 @@ def test_orthogonal_four_units_no_missed_crossing():
     assert errs[1] < 0.3 * errs[0] and errs[1] <= 1e-3, errs  # GD(eta) -> flow, O(eta)
 
 
-def test_sliding_slopes_solve_coupled_layers():
-    # Regression: two sliding entries of one data point in consecutive layers make z' bilinear
-    # in their slopes; one Newton step left |z'| ~ 1e-5 there, the solution released one of
-    # them at once and the flow chattered (thousands of slide/release events). The slopes must
-    # make z' vanish on every sliding surface to rounding.
-    from flowsim._kinks import _Problem, _sliding_arrays
+def _coupled_sliding():
+    """Point 0 on the kinks of layer-1 unit 0 and layer-2 unit 1 of a 3-4-4-2 ReLU MLP:
+    (problem, params, mask, sliding entries)."""
+    from flowsim._kinks import _Problem
 
     k1, k2, k3 = jr.split(jr.key(0), 3)
     X = jr.normal(k1, (5, 3))
     Y = jr.normal(k2, (5, 2))
     W1, W2, W3 = (jr.normal(k, s) for k, s in zip(jr.split(k3, 3), [(4, 3), (4, 4), (2, 4)]))
-    # Put point 0 on the kink of layer-1 unit 0 and of layer-2 unit 1.
     x0 = X[0]
     W1 = W1.at[0].add(-(W1[0] @ x0) / (x0 @ x0) * x0)
     h0 = jax.nn.relu(W1 @ x0)
@@ -260,7 +257,17 @@ def test_sliding_slopes_solve_coupled_layers():
     z = jnp.concatenate([v.ravel() for v in zs])
     sliding = [0 * 4 + 0, 5 * 4 + 0 * 4 + 1]  # (point 0, unit 0) in layer 1, (0, 1) in layer 2
     assert float(jnp.max(jnp.abs(z[jnp.array(sliding)]))) <= 1e-14
-    mask = (z > 0).astype(z.dtype)
+    return problem, params, (z > 0).astype(z.dtype), sliding
+
+
+def test_sliding_slopes_solve_coupled_layers():
+    # Regression: two sliding entries of one data point in consecutive layers make z' bilinear
+    # in their slopes; one Newton step left |z'| ~ 1e-5 there, the solution released one of
+    # them at once and the flow chattered (thousands of slide/release events). The slopes must
+    # make z' vanish on every sliding surface to rounding.
+    from flowsim._kinks import _sliding_arrays
+
+    problem, params, mask, sliding = _coupled_sliding()
     # The per-point path (rows of the sliding entries' points only) and the full one agree.
     new_mask, lam, field = problem.sliding(params, mask,
                                            _sliding_arrays(sliding, problem.shapes, True))
@@ -282,6 +289,37 @@ def test_sliding_slopes_solve_coupled_layers():
     # One chord step from the affine solution left |z'| = 9 x scale here; Newton: 3e-18.
     assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * scale, zdot[:2]
     assert np.all(np.isfinite(np.asarray(lam)))
+
+
+@pytest.mark.parametrize("per_point", [True, False])
+def test_sliding_chord_from_guess_equals_newton(per_point):
+    # Over a piece the slopes are solved by chord iterations from the piece's start
+    # (`slope_guess`: slopes and the Jacobian's pseudo-inverse there), Newton taking over if
+    # they stall. On the bilinear (coupled-layer) system, for moves of theta from a piece's
+    # typical size to ones that change the slopes by O(1) (further on, no real root exists:
+    # Newton from 0 does not converge either), they reach Newton's slopes from 0; with a
+    # useless Jacobian (negated: the chord diverges) Newton restarts from 0 and gives them.
+    import dataclasses
+
+    from flowsim._kinks import _sliding_arrays
+
+    problem, params, mask, sliding = _coupled_sliding()
+    plain = _sliding_arrays(sliding, problem.shapes, per_point)
+    guess = problem.slope_guess(params, mask, plain)
+    assert float(jnp.max(jnp.abs(guess.lam - problem.sliding(params, mask, plain)[1]))) == 0.0
+    direction = jax.tree.map(lambda x: jr.normal(jr.key(x.size), x.shape), params)
+    bad = dataclasses.replace(guess, pinv=-guess.pinv)
+    for size, sl in ((1e-4, guess), (1e-2, guess), (3e-2, guess), (1e-2, bad)):
+        moved = jax.tree.map(lambda x, d, size=size: x + size * d, params, direction)
+        newton = problem.sliding(moved, mask, plain)
+        chord = problem.sliding(moved, mask, sl)
+        zdot = problem.zdot(moved, chord[0])
+        assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * float(
+            jnp.max(jnp.abs(zdot))), size
+        assert float(jnp.max(jnp.abs(chord[1] - newton[1]))) <= 1e-12, (size, chord[1],
+                                                                         newton[1])
+        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(newton[2]))
+        assert tree_max_abs_diff(chord[2], newton[2]) <= 1e-12 * scale
 
 
 def test_auto_is_exact_up_to_the_surface_limit():
