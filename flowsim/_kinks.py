@@ -422,12 +422,7 @@ def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
     valid[: len(sliding)] = True
     if not per_point:
         return _Sliding(jnp.asarray(idx), jnp.asarray(valid))
-    sizes = np.array([math.prod(s) for s in shapes])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    widths = np.array([math.prod(s[1:]) for s in shapes])  # entries per point, per layer
-    cols = np.concatenate([[0], np.cumsum(widths)[:-1]])
-    layer = np.searchsorted(starts, idx, side="right") - 1
-    point, unit = np.divmod(idx - starts[layer], widths[layer])
+    point, col = _locate(idx, shapes)
     pts = np.unique(point[valid])
     slot = np.searchsorted(pts, point)
     slot[~valid] = 0
@@ -436,14 +431,31 @@ def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
     pts_valid = np.zeros(k)
     pts_valid[: pts.size] = 1.0
     return _Sliding(jnp.asarray(idx), jnp.asarray(valid), jnp.asarray(pts_pad),
-                    jnp.asarray(pts_valid), jnp.asarray(slot), jnp.asarray(cols[layer] + unit))
+                    jnp.asarray(pts_valid), jnp.asarray(slot), jnp.asarray(col))
 
 
 @eqx.filter_jit
-def _zdots(problem, p, mask, sl):
+def _zdot_entry(problem, p, mask, sl, point, col):
+    """z' of one entry (data point `point`, column `col` of the point's row) along the vector
+    field on `mask` (with the sliding slopes): one gradient and a directional derivative of
+    one row of pre-activations."""
     if sl.idx.shape[0]:
-        mask = problem.sliding(p, mask, sl)[0]
-    return problem.zdot(p, mask)
+        mask, _, field = problem.sliding(p, mask, sl)
+    else:
+        field = problem.field(p, mask)
+    return jax.jvp(lambda q: problem.rows(q, mask, point[None]), (p,), (field,))[1][0, col]
+
+
+def _locate(idx, shapes):
+    """Data points and columns in the points' rows of pre-activations (`_Problem.rows`) of the
+    flat entries `idx` of the concatenated pre-activations with per-layer `shapes`."""
+    sizes = np.array([math.prod(s) for s in shapes])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    widths = np.array([math.prod(s[1:]) for s in shapes])  # entries per point, per layer
+    cols = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    layer = np.searchsorted(starts, idx, side="right") - 1
+    point, unit = np.divmod(idx - starts[layer], widths[layer])
+    return point, cols[layer] + unit
 
 
 def _bucket(k: int) -> int:
@@ -541,6 +553,7 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         lam = np.asarray(lam)[: len(sliding)]
         zscale = max(float(np.max(np.abs(z_end))), np.finfo(dtype).tiny)
         delta = 1e-12 * zscale
+        piece_sliding = list(sliding)
         # Releases: a sliding entry whose lambda reached 0 or 1 leaves the surface.
         for pos, j in enumerate(list(sliding)):
             if lam[pos] <= _RELEASE_TOL or lam[pos] >= 1 - _RELEASE_TOL:
@@ -557,12 +570,15 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         hits = np.flatnonzero(values <= 1e-9 * zscale)
         for j in hits:
             mask_eff = mask.copy()
-            sl_now = slides(sliding)
+            # The piece's slope guess serves while the sliding set is the piece's.
+            sl_now = sl if sliding == piece_sliding else slides(sliding)
+            point, col = _locate(np.array([j]), problem.shapes)
             both = []
             for side in (1.0, 0.0):
                 mask_eff[j] = side
-                zd = _zdots(problem, p, jnp.asarray(mask_eff), sl_now)
-                both.append(float(zd[j]))
+                zd = _zdot_entry(problem, p, jnp.asarray(mask_eff), sl_now,
+                                 jnp.asarray(point[0]), jnp.asarray(col[0]))
+                both.append(float(zd))
             zd_plus, zd_minus = both
             was_active = sign[j] > 0
             # Derivatives at rounding level (e.g. exactly 0 with orthogonal inputs) count as 0.
