@@ -255,6 +255,12 @@ _SLOPE_NEWTON_MAX = 20
 # Chord iterations before Newton takes over (they converge at the rate theta moves away from
 # the piece's start: a few per solve).
 _CHORD_STEPS = 8
+# The first piece's first step (relative to the horizon; the controller grows it tenfold a
+# step), and each later piece's: this times the previous piece's length per accepted step.
+_FIRST_STEP = 1e-6
+_FIRST_STEP_GROWTH = 10.0
+# Pieces over which the chord keeps one Jacobian while the sliding set stays the same.
+_JACOBIAN_REUSE = 16
 
 
 class _IllinoisState(eqx.Module):
@@ -380,7 +386,7 @@ def _release_value(t, y, args, **kwargs):
 
 
 @eqx.filter_jit
-def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, max_steps,
+def _piece(problem, p, t0, t1, dt0, ts, mask, sl, sign, offset, solver, controller, max_steps,
            combined=False):
     args = (problem, mask, sl, sign, offset)
     # Both conditions start positive, because sliding entries with a slope already at 0 or 1
@@ -394,7 +400,7 @@ def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, m
         cond = _event_value
     event = dfx.Event(cond, root_finder=_ROOT_FINDER, direction=False)
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(_vector_field), solver, t0, t1, None, p, args=args,
+        dfx.ODETerm(_vector_field), solver, t0, t1, dt0, p, args=args,
         saveat=dfx.SaveAt(subs=[dfx.SubSaveAt(ts=ts), dfx.SubSaveAt(t1=True)]),
         stepsize_controller=controller, event=event, max_steps=max_steps, throw=False,
     )
@@ -410,6 +416,11 @@ def _piece(problem, p, t0, t1, ts, mask, sl, sign, offset, solver, controller, m
 @eqx.filter_jit
 def _slope_guess(problem, p, mask, sl):
     return problem.slope_guess(p, mask, sl)
+
+
+@eqx.filter_jit
+def _slopes(problem, p, mask, sl):
+    return problem.sliding(p, mask, sl)[1]
 
 
 def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
@@ -502,6 +513,8 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
     t = float(t0)
     p = params
     sl = slides(sliding)
+    jacobian_age = 0
+    dt0 = _FIRST_STEP * (float(t1) - float(t0))
     stats = {"num_steps": 0, "num_rejected_steps": 0, "num_events": 0, "num_crossings": 0,
              "num_sliding_intervals": 0, "num_releases": 0}
     result = 0
@@ -511,8 +524,9 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
             bar.set_postfix(events=stats["num_events"], sliding=len(sliding), refresh=False)
         ts_piece = np.maximum(ts, t)
         piece_args = (problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype),
-                      jnp.asarray(ts_piece), jnp.asarray(mask), sl, jnp.asarray(sign),
-                      jnp.asarray(offset), solver, controller, max_steps)
+                      jnp.asarray(min(dt0, t1 - t), dtype), jnp.asarray(ts_piece),
+                      jnp.asarray(mask), sl, jnp.asarray(sign), jnp.asarray(offset), solver,
+                      controller, max_steps)
         ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args)
         if sliding and np.min(np.minimum(lam, 1 - lam)[: len(sliding)]) < -_RELEASE_TOL:
             # A crossing was located but a release came first: locate the earlier of the two.
@@ -523,6 +537,12 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         stats["num_steps"] += int(n_steps)
         stats["num_rejected_steps"] += int(n_rej)
         t_end = float(t_end)
+        # The next piece's first step: a restart's initial step selection would cost two
+        # gradients. Events usually cut the step short: the next is likely within a few times
+        # this piece's length per accepted step (the controller shrinks a step that fails).
+        accepted = int(n_steps) - int(n_rej)
+        if t_end > t and accepted > 0:
+            dt0 = _FIRST_STEP_GROWTH * (t_end - t) / accepted
         res = int(res)
         take = (ts >= t) & (ts <= t_end) & ~filled
         if out is None:
@@ -550,7 +570,8 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
             result = -1
             break
         z_end = np.asarray(z_end)
-        lam = np.asarray(lam)[: len(sliding)]
+        lam_piece = np.asarray(lam)
+        lam = lam_piece[: len(sliding)]
         zscale = max(float(np.max(np.abs(z_end))), np.finfo(dtype).tiny)
         delta = 1e-12 * zscale
         piece_sliding = list(sliding)
@@ -605,12 +626,20 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
                     pieces[-1]["events"].append(("cross", int(j)))
         # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
         # released before the next piece, so the release condition starts positive.
-        # The next piece starts its slope solves from the slopes here (`slope_guess`).
+        # The next piece starts its slope solves from the slopes here and the Jacobian's
+        # pseudo-inverse: recomputed (`slope_guess`, k residuals) when the sliding set has
+        # changed or after _JACOBIAN_REUSE pieces, else the last one serves the chord.
         while True:
-            sl = slides(sliding)
             if not sliding:
+                sl = slides(sliding)
                 break
-            sl = _slope_guess(problem, p, jnp.asarray(mask), sl)
+            if sliding == piece_sliding and jacobian_age < _JACOBIAN_REUSE:
+                sl = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
+                sl = dataclasses.replace(sl, lam=_slopes(problem, p, jnp.asarray(mask), sl))
+                jacobian_age += 1
+            else:
+                sl = _slope_guess(problem, p, jnp.asarray(mask), slides(sliding))
+                jacobian_age = 0
             lam_now = np.asarray(sl.lam)
             out_of_range = [pos for pos in range(len(sliding))
                             if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
