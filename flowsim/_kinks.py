@@ -11,16 +11,19 @@ regula falsi, `Illinois`, on the step's dense output), decides what happens ther
   the loss is affine in the slope of an entry at z_j = 0, that combination is the vector field
   with the entry's slope sigma'(0) = lambda in [0, 1] (the Clarke subgradient element that
   keeps the trajectory on the surface). lambda is solved for at every evaluation; several
-  surfaces can slide at once (a small linear system, then Newton's method: the
-  field is multilinear in the slopes of entries of one data point in different layers).
-- **release**: a sliding entry leaves when its lambda reaches 0 or 1 (a second event).
+  surfaces can slide at once (the field is multilinear in the slopes of entries of one data
+  point in different layers): Newton's method at the start of a piece, then chord iterations
+  with that Jacobian, one residual each, for the evaluations over the piece.
+- **release**: a sliding entry leaves when its lambda reaches 0 or 1 (a second event
+  condition).
 
 Any slope choice satisfies sigma'(z) z = sigma(z), so the Du–Hu–Lee invariants are conserved
 through crossings and sliding, to the tolerance of the smooth pieces.
 
 The cost per step is one forward pass over all surfaces for the event function on top of the
-gradient; each event costs a restart of the solver. So the kink treatment costs in proportion
-to the crossings met, not to the number of surfaces.
+gradient; each event costs a restart of the solver (from the last piece's step size), about ten
+forward passes to locate it and one gradient per side of each entry that reached its surface.
+So the kink treatment costs in proportion to the crossings met, not to the number of surfaces.
 """
 
 import dataclasses
@@ -140,7 +143,9 @@ class _Problem(eqx.Module):
         k = idx.shape[0]
 
         def with_slopes(lam):
-            return mask.at[idx].set(jnp.where(valid, lam, mask[idx]))
+            # Padding points past the end and is dropped: padding at a real entry's index (0)
+            # would race its slope in the scatter.
+            return mask.at[jnp.where(valid, idx, mask.shape[0])].set(lam, mode="drop")
 
         if sl.pts is None:
             def field_at(lam):
@@ -629,17 +634,19 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         # The next piece starts its slope solves from the slopes here and the Jacobian's
         # pseudo-inverse: recomputed (`slope_guess`, k residuals) when the sliding set has
         # changed or after _JACOBIAN_REUSE pieces, else the last one serves the chord.
+        reuse = sliding == piece_sliding and jacobian_age < _JACOBIAN_REUSE
         while True:
             if not sliding:
                 sl = slides(sliding)
                 break
-            if sliding == piece_sliding and jacobian_age < _JACOBIAN_REUSE:
+            if reuse:  # `sl` is still the piece's
                 sl = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
                 sl = dataclasses.replace(sl, lam=_slopes(problem, p, jnp.asarray(mask), sl))
                 jacobian_age += 1
             else:
                 sl = _slope_guess(problem, p, jnp.asarray(mask), slides(sliding))
                 jacobian_age = 0
+            reuse = False
             lam_now = np.asarray(sl.lam)
             out_of_range = [pos for pos in range(len(sliding))
                             if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
