@@ -222,11 +222,12 @@ class _Problem(eqx.Module):
         return with_slopes(lam), lam, field_at(lam)
 
     def slope_guess(self, p, mask, sl):
-        """`sl` with the slopes at p and the pseudo-inverse of their Jacobian (Newton from 0),
-        the start of the chord iterations of `sliding` over a piece."""
-        plain = dataclasses.replace(sl, lam=None, pinv=None)
-        lam, pinv = self.sliding(p, mask, plain, jacobian=True)
-        return dataclasses.replace(plain, lam=lam, pinv=pinv)
+        """`sl` with the slopes at p and the pseudo-inverse of their Jacobian there, the start
+        of the chord iterations of `sliding` over a piece. The slopes come from `sliding`: chord
+        iterations from the guess in `sl` if it has one (the last piece's), else Newton from 0.
+        """
+        lam, pinv = self.sliding(p, mask, sl, jacobian=True)
+        return dataclasses.replace(sl, lam=lam, pinv=pinv)
 
 
 class _Sliding(eqx.Module):
@@ -264,8 +265,6 @@ _CHORD_STEPS = 8
 # step), and each later piece's: this times the previous piece's length per accepted step.
 _FIRST_STEP = 1e-6
 _FIRST_STEP_GROWTH = 10.0
-# Pieces over which the chord keeps one Jacobian while the sliding set stays the same.
-_JACOBIAN_REUSE = 16
 
 
 class _IllinoisState(eqx.Module):
@@ -423,11 +422,6 @@ def _slope_guess(problem, p, mask, sl):
     return problem.slope_guess(p, mask, sl)
 
 
-@eqx.filter_jit
-def _slopes(problem, p, mask, sl):
-    return problem.sliding(p, mask, sl)[1]
-
-
 def _sliding_arrays(sliding, shapes, per_point: bool) -> _Sliding:
     """The device arrays for the sliding entries (flat indices into the concatenated
     pre-activations, whose per-layer shapes are `shapes` = ((points, ...), ...))."""
@@ -518,7 +512,6 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
     t = float(t0)
     p = params
     sl = slides(sliding)
-    jacobian_age = 0
     dt0 = _FIRST_STEP * (float(t1) - float(t0))
     stats = {"num_steps": 0, "num_rejected_steps": 0, "num_events": 0, "num_crossings": 0,
              "num_sliding_intervals": 0, "num_releases": 0}
@@ -631,21 +624,21 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
                     pieces[-1]["events"].append(("cross", int(j)))
         # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
         # released before the next piece, so the release condition starts positive.
-        # The next piece starts its slope solves from the slopes here and the Jacobian's
-        # pseudo-inverse: recomputed (`slope_guess`, k residuals) when the sliding set has
-        # changed or after _JACOBIAN_REUSE pieces, else the last one serves the chord.
-        reuse = sliding == piece_sliding and jacobian_age < _JACOBIAN_REUSE
+        # The next piece starts its slope solves from the slopes here and the pseudo-inverse
+        # of their Jacobian here (`slope_guess`: k residuals). The slopes: by chord iterations
+        # from the last piece's guess while the sliding set is that piece's, else by Newton.
+        # (A Jacobian kept over several pieces slowed the chord to ~0.2 per iteration on the
+        # Fig 2 network with 33 entries sliding, and Newton took over: 1.4 s per piece.)
+        reuse = sliding == piece_sliding
         while True:
             if not sliding:
                 sl = slides(sliding)
                 break
             if reuse:  # `sl` is still the piece's
-                sl = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
-                sl = dataclasses.replace(sl, lam=_slopes(problem, p, jnp.asarray(mask), sl))
-                jacobian_age += 1
+                start = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
             else:
-                sl = _slope_guess(problem, p, jnp.asarray(mask), slides(sliding))
-                jacobian_age = 0
+                start = slides(sliding)
+            sl = _slope_guess(problem, p, jnp.asarray(mask), start)
             reuse = False
             lam_now = np.asarray(sl.lam)
             out_of_range = [pos for pos in range(len(sliding))
