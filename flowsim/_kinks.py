@@ -96,27 +96,44 @@ class _Problem(eqx.Module):
         """z'(theta) along the patterned vector field, for every entry."""
         return jax.jvp(lambda q: self.pre(q, mask), (p,), (self.field(p, mask),))[1]
 
+    def row_mask(self, mask, pts):
+        """The slopes of data points `pts` as rows laid out like `rows`' (points, width)."""
+        return jnp.concatenate([z[pts].reshape(pts.shape[0], -1)
+                                for z in self.unflatten(mask)], axis=1)
+
+    def _row_pattern(self, rowmask):
+        out, c = [], 0
+        for shape in self.shapes:
+            width = math.prod(shape[1:])
+            out.append(rowmask[:, c:c + width].reshape((rowmask.shape[0],) + shape[1:]))
+            c += width
+        return tuple(out)
+
     def rows(self, p, mask, pts):
         """The pre-activations of data points `pts` on the pattern `mask`, one row per point."""
-        pattern = tuple(z[pts] for z in self.unflatten(mask))
-        _, zs = self.model(p).forward(self.loss.X[pts], pattern)
+        return self.rows_at(p, self.row_mask(mask, pts), pts)
+
+    def rows_at(self, p, rowmask, pts):
+        """`rows` with the points' slopes given as rows (`row_mask`)."""
+        _, zs = self.model(p).forward(self.loss.X[pts], self._row_pattern(rowmask))
         return jnp.concatenate([z.reshape(z.shape[0], -1) for z in zs], axis=1)
 
-    def rows_field(self, p, mask, pts, weights):
-        """-grad of sum_i weights_i loss_{pts_i}: the field's part from points `pts`.
+    def rows_field(self, p, rowmask, pts, weights):
+        """-grad of sum_i weights_i loss_{pts_i} on the points' slopes `rowmask`: the field's
+        part from points `pts`.
 
         The loss is the mean of per-point terms (`per_point`), so loss_n is the loss on the
         single row n (scaled by 1 / n_points by the caller's weights).
         """
-        pattern = self.unflatten(mask)
         n = self.loss.X.shape[0]
 
-        def point_loss(q, i):
-            row = jax.tree.map(lambda a: a[i][None] if jnp.ndim(a) and a.shape[0] == n else a,
-                               self.loss)
-            return row(_Patterned(self.model(q), tuple(z[i][None] for z in pattern)))
+        def point_loss(q, i, row):
+            loss = jax.tree.map(lambda a: a[i][None] if jnp.ndim(a) and a.shape[0] == n else a,
+                                self.loss)
+            return loss(_Patterned(self.model(q), self._row_pattern(row[None])))
 
-        total = lambda q: jnp.sum(weights * jax.vmap(lambda i: point_loss(q, i))(pts))  # noqa: E731
+        total = lambda q: jnp.sum(weights * jax.vmap(  # noqa: E731
+            lambda i, row: point_loss(q, i, row))(pts, rowmask))
         return jax.tree.map(jnp.negative, eqx.filter_grad(total)(p))
 
     def sliding(self, p, mask, sl, jacobian=False):
@@ -124,12 +141,15 @@ class _Problem(eqx.Module):
 
         Returns `(mask with the slopes, slopes, field)`. z_idx' is affine in each slope but
         multilinear in all of them when sliding entries of the same data point sit in different
-        layers (the slope of layer l scales what layer l + 1 sees). Without a guess in `sl`,
-        Newton's method from slopes 0 (Jacobian by forward-mode autodiff, steps by least
-        squares) runs until the slopes move by less than `_SLOPE_TOL`, at most
-        `_SLOPE_NEWTON_MAX` times: the first step is exact when the system is affine (the
-        second confirms it), a coupled pair takes a few more. Each Jacobian costs k residuals
-        (k sliding entries). With a guess (`sl.lam`, `sl.pinv`: the slopes and the Jacobian's
+        layers (the slope of layer l scales what layer l + 1 sees). Without a Jacobian in `sl`
+        (`sl.pinv`), Newton's method (steps by least squares) from the slopes `sl.lam` (0 where
+        absent: at entries that just joined, or all without) runs until the slopes move by
+        less than `_SLOPE_TOL`, at most `_SLOPE_NEWTON_MAX` times: from 0 the first step is
+        exact when the system is affine (the second confirms it), a coupled pair takes a few
+        more. The
+        Jacobian (`slope_system`) costs k residuals by forward-mode autodiff, or for a
+        per-point loss k rows and a k x k product over the parameters
+        (`_sliding_jacobian`). With a guess (`sl.lam`, `sl.pinv`: the slopes and the Jacobian's
         pseudo-inverse at the start of the piece, from `slope_guess`) chord iterations start
         there, one residual each, and Newton takes over after `_CHORD_STEPS` of them.
 
@@ -139,6 +159,78 @@ class _Problem(eqx.Module):
         their rows: one full gradient per call, whatever the number of points. Other losses
         take the full field at every Newton iteration.
         """
+        idx, valid = sl.idx, sl.valid
+        k = idx.shape[0]
+        # The row-wise Jacobian where it is needed at every piece start; forward mode (cheaper
+        # to compile) for Newton's rare fallbacks inside the vector field.
+        with_slopes, field_at, residual, jac = self.slope_system(p, mask, sl, rowwise=jacobian)
+        both = valid[:, None] & valid[None, :]
+        eye = jnp.eye(k, dtype=mask.dtype)
+
+        def masked(J):
+            # Least squares: when more surfaces slide than a unit has inputs (a unit collapsing
+            # onto the origin) the slopes are not unique, the vector field still is.
+            return jnp.where(both, J, eye)
+
+        def newton_step(lam):
+            J = masked(jac(lam))
+            return _lstsq(J, residual(lam)), J
+
+        zeros = jnp.zeros(k, mask.dtype)
+        if sl.pinv is None:
+            def newton(carry):
+                lam, _, i, _, _ = carry
+                step, J = newton_step(lam)
+                return lam - step, jnp.max(jnp.abs(step)), i + 1, jnp.asarray(True), J
+
+            # From the slopes in `sl` where it has them (the entries that slid on the last
+            # piece; 0 for those that just joined), else from 0.
+            start = zeros if sl.lam is None else jnp.where(valid, sl.lam, 0.0)
+        else:
+            # Chord iterations with the Jacobian's pseudo-inverse from the piece's start: one
+            # residual (no Jacobian) per iteration, converging fast while theta stays near
+            # there. Newton's method takes over after _CHORD_STEPS of them, or from slopes 0
+            # (as without a guess) as soon as a chord step fails to halve the previous one.
+            def chord(lam, size, i, J):
+                step = sl.pinv @ residual(lam)
+                new = jnp.max(jnp.abs(step))
+                failed = (i > 0) & (new > 0.5 * size)
+                return (jnp.where(failed, zeros, lam - step), jnp.where(failed, jnp.inf, new),
+                        failed | (i + 1 >= _CHORD_STEPS), J)
+
+            def newton_(lam, size, i, J):
+                step, J = newton_step(lam)
+                return lam - step, jnp.max(jnp.abs(step)), jnp.asarray(True), J
+
+            def newton(carry):
+                lam, size, i, use_newton, J = carry
+                lam, size, use_newton, J = jax.lax.cond(use_newton, newton_, chord,
+                                                        lam, size, i, J)
+                return lam, size, i + 1, use_newton, J
+
+            start = jnp.where(valid, sl.lam, 0.0)
+
+        def keep_going(carry):
+            _, size, i, _, _ = carry
+            return (size > _SLOPE_TOL) & (i < _SLOPE_NEWTON_MAX)
+
+        carry = (start, jnp.asarray(jnp.inf, mask.dtype), jnp.asarray(0), jnp.asarray(False),
+                 eye)
+        lam, _, _, newton_ran, J = jax.lax.while_loop(keep_going, newton, carry)
+        lam = jnp.where(valid, lam, 0.0)
+        if jacobian:
+            # Newton's last Jacobian was taken one step before the slopes (a step below
+            # _SLOPE_TOL once converged); it only serves the chord iterations over the piece.
+            # A fresh one only when the slopes came from chord iterations.
+            J = jax.lax.cond(newton_ran, lambda: J, lambda: masked(jac(lam)))
+            return lam, jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND)
+        return with_slopes(lam), lam, field_at(lam)
+
+    def slope_system(self, p, mask, sl, rowwise=True):
+        """The sliding slopes' equations at p: `(with_slopes, field_at, residual, jac)`, each a
+        function of the slopes lambda (padded like `sl`): the mask with them, the vector field
+        there, z_idx' there (zero on padding) and its Jacobian: for a per-point loss with
+        `rowwise`, from one row per entry (`_sliding_jacobian`), else by forward mode."""
         idx, valid = sl.idx, sl.valid
         k = idx.shape[0]
 
@@ -154,77 +246,84 @@ class _Problem(eqx.Module):
             def residual(lam):
                 m = with_slopes(lam)
                 return jnp.where(valid, self.zdot(p, m)[idx], 0.0)
+
+            def jac(lam):
+                return jax.jacfwd(residual)(lam)
         else:
+            pts, slot, sub = sl.pts, sl.slot, sl.sub
             weights = sl.pts_valid / self.loss.X.shape[0]
-            zero = with_slopes(jnp.zeros(k, mask.dtype))
-            rest = jax.tree.map(jnp.subtract, self.field(p, zero),
-                                self.rows_field(p, zero, sl.pts, weights))
+            base = self.row_mask(mask, pts)
+            # Padding's slot points past the end and is dropped (see with_slopes).
+            slot_or_drop = jnp.where(valid, slot, k)
+
+            def rows_with(lam):
+                return base.at[slot_or_drop, sub].set(lam, mode="drop")
+
+            no_slopes = jnp.zeros(k, mask.dtype)
+            rest = jax.tree.map(jnp.subtract, self.field(p, with_slopes(no_slopes)),
+                                self.rows_field(p, rows_with(no_slopes), pts, weights))
 
             def field_at(lam):
-                return jax.tree.map(jnp.add, rest,
-                                    self.rows_field(p, with_slopes(lam), sl.pts, weights))
+                return jax.tree.map(jnp.add, rest, self.rows_field(p, rows_with(lam), pts, weights))
 
             def residual(lam):
-                m = with_slopes(lam)
-                zd = jax.jvp(lambda q: self.rows(q, m, sl.pts), (p,), (field_at(lam),))[1]
-                return jnp.where(valid, zd[sl.slot, sl.sub], 0.0)
+                rm = rows_with(lam)
+                zd = jax.jvp(lambda q: self.rows_at(q, rm, pts), (p,), (field_at(lam),))[1]
+                return jnp.where(valid, zd[slot, sub], 0.0)
 
-        both = valid[:, None] & valid[None, :]
-        eye = jnp.eye(k, dtype=mask.dtype)
+            def jac(lam):
+                if not rowwise:
+                    return jax.jacfwd(residual)(lam)
+                return self._sliding_jacobian(p, base, sl, weights, lam, field_at(lam))
+        return with_slopes, field_at, residual, jac
 
-        def newton_step(lam):
-            J, r = jax.jacfwd(lambda x: (residual(x), residual(x)), has_aux=True)(lam)
-            # Least squares: when more surfaces slide than a unit has inputs (a unit collapsing
-            # onto the origin) the slopes are not unique, the vector field still is.
-            return _lstsq(jnp.where(both, J, eye), r)
+    def _sliding_jacobian(self, p, base, sl, weights, lam, field):
+        """d z_idx' / d lambda for a per-point loss, from one row per sliding entry.
 
-        zeros = jnp.zeros(k, mask.dtype)
-        if sl.pinv is None:
-            def newton(carry):
-                lam, _, i, _ = carry
-                step = newton_step(lam)
-                return lam - step, jnp.max(jnp.abs(step)), i + 1, carry[3]
+        z_a' = grad z_a . F(lambda). The slope of entry b changes the field only through its
+        own point's term (B_b = dF / d lambda_b), and grad z_a only through the slopes of a's
+        own point, so J = A B^T + D: A_a = grad z_a and B_b each from one row (k rows in
+        all, where forward-mode through the residual takes k rows per entry), then a k x k
+        product over the parameters, and D_ab (a, b of one point) from a's row with F fixed.
+        """
+        valid, pts, slot, sub = sl.valid, sl.pts, sl.slot, sl.sub
+        k, width = sub.shape[0], base.shape[1]
 
-            start = zeros
-        else:
-            # Chord iterations with the Jacobian's pseudo-inverse from the piece's start: one
-            # residual (no Jacobian) per iteration, converging fast while theta stays near
-            # there. Newton's method takes over after _CHORD_STEPS of them, or from slopes 0
-            # (as without a guess) as soon as a chord step fails to halve the previous one.
-            def chord(lam, size, i):
-                step = sl.pinv @ residual(lam)
-                new = jnp.max(jnp.abs(step))
-                failed = (i > 0) & (new > 0.5 * size)
-                return (jnp.where(failed, zeros, lam - step), jnp.where(failed, jnp.inf, new),
-                        failed | (i + 1 >= _CHORD_STEPS))
+        def row_of(s, lam_):
+            # Point s's row of slopes with its own sliding entries' lambda.
+            cols = jnp.where(valid & (slot == s), sub, width)
+            return base[s].at[cols].set(lam_, mode="drop")
 
-            def newton_(lam, size, i):
-                step = newton_step(lam)
-                return lam - step, jnp.max(jnp.abs(step)), jnp.asarray(True)
+        def grad_z(s, c):
+            row = row_of(s, lam)
+            return eqx.filter_grad(lambda q: self.rows_at(q, row[None], pts[s][None])[0, c])(p)
 
-            def newton(carry):
-                lam, size, i, use_newton = carry
-                lam, size, use_newton = jax.lax.cond(use_newton, newton_, chord, lam, size, i)
-                return lam, size, i + 1, use_newton
+        def d_field(s, c, w, x):
+            row = row_of(s, lam)
 
-            start = jnp.where(valid, sl.lam, 0.0)
+            def part(x_):
+                return self.rows_field(p, row.at[c].set(x_)[None], pts[s][None], w[None])
+            return jax.jvp(part, (x,), (jnp.ones_like(x),))[1]
 
-        def keep_going(carry):
-            _, size, i, _ = carry
-            return (size > _SLOPE_TOL) & (i < _SLOPE_NEWTON_MAX)
+        def d_own_row(s, c):
+            def zdot(lam_):
+                row = row_of(s, lam_)
+                return jax.jvp(lambda q: self.rows_at(q, row[None], pts[s][None]),
+                               (p,), (field,))[1][0, c]
+            return jax.grad(zdot)(lam)
 
-        carry = (start, jnp.asarray(jnp.inf, mask.dtype), jnp.asarray(0), jnp.asarray(False))
-        lam, _, _, _ = jax.lax.while_loop(keep_going, newton, carry)
-        lam = jnp.where(valid, lam, 0.0)
-        if jacobian:
-            J = jax.jacfwd(residual)(lam)
-            return lam, jnp.linalg.pinv(jnp.where(both, J, eye), rtol=_LSTSQ_RCOND)
-        return with_slopes(lam), lam, field_at(lam)
+        A = jax.vmap(grad_z)(slot, sub)
+        B = jax.vmap(d_field)(slot, sub, weights[slot], lam)
+        cross = sum(a.reshape(k, -1) @ b.reshape(k, -1).T
+                    for a, b in zip(jax.tree.leaves(A), jax.tree.leaves(B)))
+        return cross + jax.vmap(d_own_row)(slot, sub)
 
     def slope_guess(self, p, mask, sl):
         """`sl` with the slopes at p and the pseudo-inverse of their Jacobian there, the start
         of the chord iterations of `sliding` over a piece. The slopes come from `sliding`: chord
-        iterations from the guess in `sl` if it has one (the last piece's), else Newton from 0.
+        iterations from the guess in `sl` if it has one (the last piece's), else Newton from
+        `sl.lam` (the slopes known before the sliding set changed) or from 0; the Jacobian is
+        Newton's last, or a fresh one after chord iterations.
         """
         lam, pinv = self.sliding(p, mask, sl, jacobian=True)
         return dataclasses.replace(sl, lam=lam, pinv=pinv)
@@ -625,22 +724,28 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
         # released before the next piece, so the release condition starts positive.
         # The next piece starts its slope solves from the slopes here and the pseudo-inverse
-        # of their Jacobian here (`slope_guess`: k residuals). The slopes: by chord iterations
-        # from the last piece's guess while the sliding set is that piece's, else by Newton.
+        # of their Jacobian here (`slope_guess`). The slopes: by chord iterations from the last
+        # piece's guess while the sliding set is that piece's, else by Newton from the slopes
+        # known (0 for entries that just joined).
         # (A Jacobian kept over several pieces slowed the chord to ~0.2 per iteration on the
         # Fig 2 network with 33 entries sliding, and Newton took over: 1.4 s per piece.)
         reuse = sliding == piece_sliding
+        known = dict(zip(piece_sliding, lam_piece.tolist()))
         while True:
             if not sliding:
                 sl = slides(sliding)
                 break
             if reuse:  # `sl` is still the piece's
                 start = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
-            else:
+            else:  # Newton from the known slopes, 0 for entries that just joined
                 start = slides(sliding)
+                warm = np.zeros(start.idx.shape[0], dtype)
+                warm[: len(sliding)] = [known.get(j, 0.0) for j in sliding]
+                start = dataclasses.replace(start, lam=jnp.asarray(warm))
             sl = _slope_guess(problem, p, jnp.asarray(mask), start)
             reuse = False
             lam_now = np.asarray(sl.lam)
+            known = dict(zip(sliding, lam_now.tolist()))
             out_of_range = [pos for pos in range(len(sliding))
                             if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
             if not out_of_range:

@@ -14,10 +14,15 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 3. the exact path (`kinks="exact"`) for `--exact-events` events: wall time per event and
    time covered, hence the projected cost of the exact solve over the flips counted in 2;
    its layer-gap drift up to `--exact-t` (saved there), next to the smooth solve's over the
-   same interval.
+   same interval;
+4. (`--late-start T`) the exact path late in the flow: started from the smooth solve's state
+   at T for `--late-events` events, which shows how many entries slide at once there and
+   what an event costs then.
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
-                                 [--exact-events 100] [--exact-t 0.02] [--out results.json]
+                                 [--exact-events 100] [--exact-t 0.02]
+                                 [--late-start 19.5] [--late-events 100]
+                                 [--steps smooth,pattern,exact,late] [--out results.json]
 """
 
 import json
@@ -108,6 +113,27 @@ def solve(net, loss, t1, rtol, kinks, ts=None, **kw):
     return row
 
 
+def late(net, loss, t_start, t1, rtol, events):
+    """The exact path from the smooth solve's state at `t_start`: entries that the smooth
+    solver zig-zags across sit within its error of their surfaces there, so the exact path
+    meets them at once (sliding, or crossing) — what the exact flow holds at that time."""
+    start = time.perf_counter()
+    smooth = flowsim.gradient_flow(net, loss, t_start, ts=jnp.array([0.0, t_start]),
+                                   solver="tsit5", rtol=rtol, atol=rtol, kinks="smooth",
+                                   max_steps=50_000)
+    smooth_s = time.perf_counter() - start
+    start = time.perf_counter()
+    traj = flowsim.gradient_flow(smooth.model_at(1), loss, t1, t0=t_start,
+                                 ts=jnp.array([t_start, t1]), solver="tsit5", rtol=rtol,
+                                 atol=rtol, kinks="exact", throw=False, max_events=events,
+                                 max_steps=50_000, progress=True)
+    wall = time.perf_counter() - start
+    row = {k: float(v) for k, v in traj.stats.items() if k != "layer_gap_drift"}
+    return {**row, "t_start": t_start, "smooth_to_t_start_wall_s": smooth_s, "wall_s": wall,
+            "wall_s_per_event": wall / max(row["num_events"], 1),
+            "flow_time_covered": row["t_reached"] - t_start}
+
+
 def main():
     parser = _fig2.parser(__doc__)
     parser.add_argument("--saves", type=int, default=2001,
@@ -116,26 +142,41 @@ def main():
                         help="events the exact path is run for (step 3)")
     parser.add_argument("--exact-t", type=float, default=0.02,
                         help="drift of the exact and smooth paths compared up to this time")
+    parser.add_argument("--late-start", type=float, default=None,
+                        help="step 4: start the exact path from the smooth state at this time")
+    parser.add_argument("--late-events", type=int, default=100,
+                        help="events the late exact path is run for (step 4)")
+    parser.add_argument("--steps", default="smooth,pattern,exact,late",
+                        help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
+    steps = set(args.steps.split(","))
     net, loss = _fig2.fig2_problem(args.n)
     rows = {}
-    rows["smooth"] = solve(net, loss, args.t1, args.rtol, "smooth", max_steps=50_000)
-    print("smooth", json.dumps(rows["smooth"]), flush=True)
-    start = time.perf_counter()
-    rows["pattern"] = pattern_flips(net, loss, args.t1, args.rtol, args.saves)
-    rows["pattern"]["wall_s"] = time.perf_counter() - start
-    print("pattern changes", json.dumps(rows["pattern"]), flush=True)
-    early = jnp.linspace(0, args.exact_t, 5)
-    exact = solve(net, loss, args.t1, args.rtol, "exact", ts=early, max_steps=50_000,
-                  max_events=args.exact_events, progress=True)
-    rows["smooth_to_exact_t"] = solve(net, loss, args.exact_t, args.rtol, "smooth", ts=early)
-    print("smooth to --exact-t", json.dumps(rows["smooth_to_exact_t"]), flush=True)
-    per_event = exact["wall_s"] / max(exact["num_events"], 1)
-    exact["wall_s_per_event"] = per_event
-    exact["projected_wall_s_for_counted_changes"] = (
-        per_event * rows["pattern"]["flips_between_steps"])
-    rows["exact"] = exact
-    print("exact", json.dumps(exact), flush=True)
+    if "smooth" in steps:
+        rows["smooth"] = solve(net, loss, args.t1, args.rtol, "smooth", max_steps=50_000)
+        print("smooth", json.dumps(rows["smooth"]), flush=True)
+    if "pattern" in steps:
+        start = time.perf_counter()
+        rows["pattern"] = pattern_flips(net, loss, args.t1, args.rtol, args.saves)
+        rows["pattern"]["wall_s"] = time.perf_counter() - start
+        print("pattern changes", json.dumps(rows["pattern"]), flush=True)
+    if "exact" in steps:
+        early = jnp.linspace(0, args.exact_t, 5)
+        exact = solve(net, loss, args.t1, args.rtol, "exact", ts=early, max_steps=50_000,
+                      max_events=args.exact_events, progress=True)
+        rows["smooth_to_exact_t"] = solve(net, loss, args.exact_t, args.rtol, "smooth",
+                                          ts=early)
+        print("smooth to --exact-t", json.dumps(rows["smooth_to_exact_t"]), flush=True)
+        per_event = exact["wall_s"] / max(exact["num_events"], 1)
+        exact["wall_s_per_event"] = per_event
+        if "pattern" in rows:
+            exact["projected_wall_s_for_counted_changes"] = (
+                per_event * rows["pattern"]["flips_between_steps"])
+        rows["exact"] = exact
+        print("exact", json.dumps(exact), flush=True)
+    if "late" in steps and args.late_start is not None:
+        rows["late"] = late(net, loss, args.late_start, args.t1, args.rtol, args.late_events)
+        print("late", json.dumps(rows["late"]), flush=True)
     rows["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print("peak RSS (GB):", rows["peak_rss_gb"])
     if args.out:
