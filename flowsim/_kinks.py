@@ -146,12 +146,11 @@ class _Problem(eqx.Module):
         absent: at entries that just joined, or all without) runs until the slopes move by
         less than `_SLOPE_TOL`, at most `_SLOPE_NEWTON_MAX` times: from 0 the first step is
         exact when the system is affine (the second confirms it), a coupled pair takes a few
-        more. The
-        Jacobian (`slope_system`) costs k residuals by forward-mode autodiff, or for a
-        per-point loss k rows and a k x k product over the parameters
-        (`_sliding_jacobian`). With a guess (`sl.lam`, `sl.pinv`: the slopes and the Jacobian's
-        pseudo-inverse at the start of the piece, from `slope_guess`) chord iterations start
-        there, one residual each, and Newton takes over after `_CHORD_STEPS` of them.
+        more. The Jacobian (`slope_system`) costs k residuals by forward-mode autodiff, or for
+        a per-point loss k rows and a k x k product over the parameters (`_sliding_jacobian`).
+        With a guess (`sl.lam`, `sl.pinv`: the slopes and the Jacobian's pseudo-inverse at the
+        start of the piece, from `slope_guess`) chord iterations start there, one residual
+        each, and Newton takes over after `_CHORD_STEPS` of them.
 
         The slopes only change the loss terms of the sliding entries' data points, so for a
         per-point loss (`flowsim.losses.square` / `logistic`) the field at slopes lambda is
