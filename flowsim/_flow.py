@@ -58,7 +58,7 @@ surfaces: 516 crossings to t = 20 on 4,000 surfaces (100 -> 20 -> 20 -> 10 ReLU,
 which took the 100-point Fig 2 problem to t = 1.5 from 219 s to 88 s),
 122,281 flips at the accepted steps of the smooth solve on the 200,000 surfaces of the
 Du–Hu–Lee Fig 2 network, at 0.23–0.3 s per event: 3,001 events reach t = 0.80 in 15.6 min,
-t = 20 would take 10 hours or more, against ~2 min smooth: late in that flow over 150
+t = 20 would take 10 hours or more, against ~2 min smooth: late in that flow hundreds of
 entries slide at once, and each event then costs seconds (docs/kinks.md).
 Pass `kinks="exact"` to insist; with `"smooth"` the layer-gap drift is the a-posteriori check.
 """
@@ -466,15 +466,14 @@ def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:
     for i in bad[:5]:
         code = int(result[i])
         msgs.append(f"trajectory {i}: {_result_message(code)}")
-    if all(int(result[i]) == -1 for i in bad):  # only the exact-kink event budget ran out
-        advice = "pass throw=False to keep the other results"
-    else:
-        advice = (
-            f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff solver "
-            f"(solver='kvaerno5') if the problem is stiff; pass throw=False to keep the other "
-            f"results"
-        )
-    text = f"gradient flow failed: {'; '.join(msgs)}{' ...' if bad.size > 5 else ''}. {advice}"
+    advice = []
+    if not all(int(result[i]) == -1 for i in bad):  # not only the kink event budget ran out
+        advice.append(f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff "
+                      f"solver (solver='kvaerno5') if the problem is stiff")
+    advice.append("pass throw=False to keep the other results" if throw else
+                  "the results up to the failure are kept (Trajectory.result marks it)")
+    text = (f"gradient flow failed: {'; '.join(msgs)}{' ...' if bad.size > 5 else ''}. "
+            f"{'; '.join(advice)}")
     if throw:
         raise FlowFailed(text)
     warnings.warn(text, FlowWarning, stacklevel=3)
