@@ -116,7 +116,8 @@ def solve(net, loss, t1, rtol, kinks, ts=None, **kw):
 def late(net, loss, t_start, t1, rtol, events):
     """The exact path from the smooth solve's state at `t_start`: entries that the smooth
     solver zig-zags across sit within its error of their surfaces there, so the exact path
-    meets them at once (sliding, or crossing) — what the exact flow holds at that time."""
+    meets them at once (sliding, or crossing). An estimate of what the exact flow holds at
+    that time: the smooth state is the exact one only to the smooth solve's error."""
     start = time.perf_counter()
     smooth = flowsim.gradient_flow(net, loss, t_start, ts=jnp.array([0.0, t_start]),
                                    solver="tsit5", rtol=rtol, atol=rtol, kinks="smooth",
@@ -150,6 +151,10 @@ def main():
                         help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
+    unknown = steps - {"smooth", "pattern", "exact", "late"}
+    if unknown:
+        parser.error(f"--steps: unknown step(s) {', '.join(sorted(unknown))}; "
+                     f"choose from smooth,pattern,exact,late")
     net, loss = _fig2.fig2_problem(args.n)
     rows = {}
     if "smooth" in steps:
