@@ -302,7 +302,10 @@ def gradient_flow(
       orders of magnitude: docs/kinks.md). The tighter solve takes 10^(1/5) = 1.6x the steps
       of a 5th-order method on a smooth flow, but up to 10x where the solver chatters across
       kinks (steps ~ 1/tol there: 11,144 against 1,993 on the Fig 2 network at rtol 1e-8).
-      NaN, with a `FlowWarning`, if the tighter solve fails before the first one's end.
+      NaN, with a `FlowWarning`, if the tighter solve fails before the first one's end; 0 if
+      it took the very same steps (the tolerance never bound them, as on exact-kink pieces
+      shorter than the error control would allow): the error is then below what the
+      tolerance resolves, not zero.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.

@@ -113,6 +113,14 @@ SCHEMA: dict[str, dict[str, _Field]] = {
                 "(exact up to 20,000 pre-activation surfaces)",
         ),
         "max_events": _Field("int", 10_000, _positive, doc="kink events before a solve fails"),
+        "error_estimate": _Field(
+            "bool",
+            False,
+            sweepable=False,
+            optional=True,
+            doc="also solve at tolerances / 10 and record flow_error_estimate (with "
+                "solver_stats): the estimated relative global error of each flow",
+        ),
         "t1": _Field(
             "float",
             0.0,
@@ -157,6 +165,7 @@ def _describe(kind, choices):
         "int": "an integer",
         "float": "a number",
         "str": "a string",
+        "bool": "true or false",
         "int_list": "a list of integers",
         "str_set": 'a list of metric names or "all"',
         "int_or_all": 'a positive integer or "all"',
@@ -194,6 +203,9 @@ def _check_scalar(where: str, value, field: _Field):
     elif kind == "str":
         if not isinstance(value, str):
             raise bad(f"must be {_describe(kind, field.choices)}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad(f"must be {_describe(kind, None)}")
     elif kind == "int_list":
         if not isinstance(value, list) or any(
             isinstance(v, bool) or not isinstance(v, int) for v in value

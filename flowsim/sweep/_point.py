@@ -205,9 +205,11 @@ def run_chunk(
             ts = jnp.linspace(0.0, fl["t1"], fl["saves"])
         t = time.perf_counter()
         ts = np.asarray(ts)
-        kink_opts = {}
+        options = {}
         if fl["kinks"] != "auto" or fl["max_events"] != 10_000:
-            kink_opts = {"kinks": fl["kinks"], "max_events": fl["max_events"]}
+            options = {"kinks": fl["kinks"], "max_events": fl["max_events"]}
+        if fl.get("error_estimate", False):
+            options["error_estimate"] = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _api.FlowWarning)  # failures are recorded per seed
             flow_traj = _api.gradient_flow(
@@ -221,7 +223,7 @@ def run_chunk(
                 max_steps=fl["max_steps"],
                 batched=True,
                 throw=False,
-                **kink_opts,
+                **options,
             )
         _block(flow_traj.loss)
         timings["flow_seconds"] = time.perf_counter() - t

@@ -292,6 +292,11 @@ def _table(points, ds):
             row["GD diverged"] = int(np.sum(np.asarray(sub["gd_diverged_at"].values) >= 0))
         if "flow_result" in sub:
             row["flow failed"] = int(np.sum(np.asarray(sub["flow_result"].values) != 0))
+        if "flow_error_estimate" in sub:
+            est = np.asarray(sub["flow_error_estimate"].values)
+            row["flow error estimate (max)"] = (
+                float(np.nanmax(est)) if np.any(~np.isnan(est)) else float("nan")
+            )
         if "flow_num_steps" in sub:
             row["flow steps (mean)"] = float(np.mean(sub["flow_num_steps"].values))
         if "wall_seconds" in sub:
