@@ -58,8 +58,9 @@ surfaces: 516 crossings to t = 20 on 4,000 surfaces (100 -> 20 -> 20 -> 10 ReLU,
 which took the 100-point Fig 2 problem to t = 1.5 from 219 s to 88 s),
 122,281 flips at the accepted steps of the smooth solve on the 200,000 surfaces of the
 Du–Hu–Lee Fig 2 network, at 0.23–0.3 s per event: 3,001 events reach t = 0.80 in 15.6 min,
-t = 20 would take 10 hours or more, against ~2 min smooth: late in that flow hundreds of
-entries slide at once, and each event then costs seconds (docs/kinks.md).
+t = 20 would take 10 hours or more, against ~2 min smooth: started from the smooth solve's
+state late in that flow, hundreds of entries slide at once, and each event then costs seconds
+(docs/kinks.md).
 Pass `kinks="exact"` to insist; with `"smooth"`, `error_estimate=True` gives the a-posteriori
 estimate of the solve's error (and the layer-gap drift a check on it).
 """
