@@ -21,12 +21,15 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    what an event costs then;
 5. the documented mode for this size, the smooth solve with its a-posteriori error estimate
    (`kinks="smooth", error_estimate=True`: a second solve at rtol / 10) to t1: wall time,
-   estimate and drift, next to the plain smooth solve of step 1.
+   estimate and drift, next to the plain smooth solve of step 1;
+6. (`tolerances`, not in the default steps: ~80 min) smooth solves at rtol, rtol / 10 and
+   rtol / 100, and their pairwise distances at the 11 saved times: how the error shrinks with
+   the tolerance, hence how far the estimate of step 5 can be trusted.
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
                                  [--late-start 19.5] [--late-events 100]
-                                 [--steps smooth,pattern,exact,late,estimate]
+                                 [--steps smooth,pattern,exact,late,estimate,tolerances]
                                  [--out results.json]
 """
 
@@ -160,8 +163,8 @@ def main():
                         help="step 4: start the exact path from the smooth state at this time")
     parser.add_argument("--late-events", type=int, default=100,
                         help="events the late exact path is run for (step 4)")
-    names = ("smooth", "pattern", "exact", "late", "estimate")
-    parser.add_argument("--steps", default=",".join(names),
+    names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances")
+    parser.add_argument("--steps", default=",".join(names[:-1]),
                         help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
@@ -207,6 +210,17 @@ def main():
         rows["estimate"] = solve(net, loss, args.t1, args.rtol, "smooth", max_steps=50_000,
                                  error_estimate=True)
         print("smooth with error estimate", json.dumps(rows["estimate"]), flush=True)
+    if "tolerances" in steps:
+        kept, tols = [], [args.rtol, args.rtol / 10, args.rtol / 100]
+        rows["tolerances"] = {f"{tol:g}": solve(net, loss, args.t1, tol, "smooth", keep=kept,
+                                                max_steps=200_000) for tol in tols}
+        ys = [flat(traj) for traj in kept]
+        scale = np.max(np.linalg.norm(ys[-1], axis=1))
+        for (i, a), (j, b) in [((0, ys[0]), (1, ys[1])), ((0, ys[0]), (2, ys[2])),
+                               ((1, ys[1]), (2, ys[2]))]:
+            rows["tolerances"][f"distance_{tols[i]:g}_{tols[j]:g}"] = list(
+                np.linalg.norm(a - b, axis=1) / scale)
+        print("tolerances", json.dumps(rows["tolerances"]), flush=True)
     rows["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print("peak RSS (GB):", rows["peak_rss_gb"])
     if args.out:
