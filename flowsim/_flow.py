@@ -73,11 +73,12 @@ With tolerance proportionality (global error ~ C tol) the tighter solve's own er
 of the first's, so the distance estimates the first error to ~10 %. The error of a solve
 through ReLU kinks still scales with the tolerance, on the exact-kink path and on the smooth
 one (where C can be large: a solve chattering along a sliding surface at tol 1e-6 ends 5.7e-4
-from the exact flow). Measured estimate / true error: 0.92 on a smooth flow, 0.97 on the
-exact-kink path, 0.93–1.03 on the smooth path through sliding (tests/test_error_estimate.py),
-1.04 on the Fig 2 network to t = 0.4. Where the error shrinks more slowly than the tolerance
-the estimate is low: over the Fig 2 flow to t = 20 the smooth solve's error falls only ~3.3x
-per decade of tolerance, and the estimate may be up to ~30 % low there (docs/kinks.md).
+from the exact flow). Measured estimate / true error: 0.92 on a smooth flow, 0.92 on the
+exact-kink path and 0.95 on the smooth one through 8 crossings (tests/test_error_estimate.py),
+0.93–1.03 on the smooth path through sliding, 1.04 on the Fig 2 network to t = 0.4. Where
+the error shrinks more slowly than the tolerance the estimate is low: over the Fig 2 flow to
+t = 20 the smooth solve's error falls only ~3.3x per decade of tolerance, and the estimate
+may be up to ~30 % low there (docs/kinks.md).
 """
 
 _EXPLICIT = {
