@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import os
+import pathlib
 import threading
 import warnings
 from collections.abc import Sequence
@@ -257,6 +259,7 @@ def gradient_flow(
     count_evals: bool = False,
     progress: bool = False,
     error_estimate: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Trajectory:
     """Integrates the gradient flow d theta/dt = -grad L(theta) of an Equinox model with diffrax.
 
@@ -311,6 +314,14 @@ def gradient_flow(
       it took the very same steps (the tolerance never bound them, as on exact-kink pieces
       shorter than the error control would allow): the error is then below what the
       tolerance resolves, not zero.
+    - `checkpoint`: with exact kinks, a file (.npz) in which the piecewise solve keeps its
+      state: saved every `flowsim._kinks.CHECKPOINT_SECONDS` (60 s), on Ctrl-C and when the
+      solve stops. If the file exists the solve resumes from it (a finished one returns its
+      result at once; one that ran out of `max_events` or `max_steps` carries on with the
+      larger budget given), so an exact solve of hours survives interruptions. The file is
+      refused (ValueError) if it belongs to another problem (initial model, data, times,
+      solver, tolerances). Batched: one file per member, `<stem>-<i><suffix>`; the tighter
+      solve of `error_estimate` uses `<stem>-tight<suffix>`.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
@@ -384,10 +395,15 @@ def gradient_flow(
             "exact-kink path (kinks='exact', or 'auto' on a small ReLU problem); pass "
             "kinks='smooth' or count_evals=False"
         )
+    if checkpoint is not None and not exact:
+        raise ValueError(
+            "`checkpoint` is for the exact-kink path (kinks='exact', or 'auto' on a small ReLU "
+            "problem), but this solve is smooth; drop checkpoint or pass kinks='exact'"
+        )
     if exact:
         saved, losses, result, stats = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
-            batch if batched else None, progress,
+            batch if batched else None, progress, checkpoint,
         )
     else:
         token = next(_TOKENS) if count_evals else None
@@ -435,6 +451,7 @@ def gradient_flow(
                 rtol=rtol / ERROR_ESTIMATE_FACTOR, atol=atol / ERROR_ESTIMATE_FACTOR,
                 max_steps=max_steps, dt0=dt0, batched=batched, throw=False,
                 kinks="exact" if exact else "smooth", max_events=max_events, progress=progress,
+                checkpoint=None if checkpoint is None else _member_path(checkpoint, "tight"),
             )
         traj = eqx.tree_at(lambda tr: tr.stats, traj,
                            dict(traj.stats, error_estimate=_error_estimate(traj, tight)))
@@ -515,15 +532,22 @@ def _use_kinks(kinks: str, model, loss) -> bool:
     return supported and kinks == "exact"
 
 
+def _member_path(path, tag):
+    """`<stem>-<tag><suffix>` next to `path`."""
+    path = pathlib.Path(path)
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
 def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps, max_events,
-                batch, progress=False):
+                batch, progress=False, checkpoint=None):
     members = [None] if batch is None else range(batch)
     outs, stats, results = [], [], []
     for i in members:
         p = params if i is None else jax.tree.map(lambda x, i=i: x[i], params)
+        path = checkpoint if checkpoint is None or i is None else _member_path(checkpoint, i)
         out, st, res, _ = kink_flow(eqx.combine(p, static), loss, t0, t1, ts, solver, controller,
                                     max_steps, max_events, progress=progress,
-                                    label="" if i is None else f"member {i}")
+                                    label="" if i is None else f"member {i}", checkpoint=path)
         outs.append(out)
         stats.append(st)
         results.append(res)

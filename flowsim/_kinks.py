@@ -27,7 +27,11 @@ So the kink treatment costs in proportion to the crossings met, not to the numbe
 """
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
+import time
 
 import diffrax as dfx
 import equinox as eqx
@@ -571,23 +575,111 @@ def _bucket(k: int) -> int:
 
 
 def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record=False,
-              progress=False, label=""):
+              progress=False, label="", checkpoint=None):
     """Single-trajectory exact flow.
 
     Returns `(saved params at ts, stats dict, result code, pieces)`; `pieces` (with
     `record=True`, else empty) lists each smooth piece as a dict with its start/end times and
     states, the activation mask, the sliding entries, and what ended it. `progress` shows a
-    tqdm bar over flow time with the events met and the entries sliding.
+    tqdm bar over flow time with the events met and the entries sliding. `checkpoint`: a file
+    for the solve's state (see `_Checkpoint`): saved every `CHECKPOINT_SECONDS` and when the
+    solve stops, resumed from if it exists.
     """
     with tqdm.tqdm(total=float(t1) - float(t0), disable=not progress, unit="t",
                    desc=f"exact kinks {label}".strip(), leave=False,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| t={n:.4g}/{total:.4g} "
                               "[{elapsed}<{remaining}{postfix}]") as bar:
         return _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events,
-                          record, bar)
+                          record, bar, checkpoint)
 
 
-def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record, bar):
+# The exact path saves its checkpoint (if given one) at the first piece start this long after the
+# last save, and when it stops.
+CHECKPOINT_SECONDS = 60.0
+
+
+class _Checkpoint:
+    """The state of a piecewise solve at a piece start, in an .npz file: time, parameters,
+    activation mask, event signs and offsets, sliding entries and their slope guess, first step,
+    statistics, the states saved so far, and the seconds spent (`elapsed_s`, summed over
+    resumed runs). A solve that reached t1 is stored with its outputs (`done`); one that
+    failed (max_events, max_steps) at the start of the piece it failed on, so that a rerun
+    with a larger budget carries on. `fingerprint` hashes what determines the solution (initial
+    parameters, data, times, solver, tolerances): a file from another problem is refused."""
+
+    def __init__(self, path, params, loss, t0, t1, ts, solver, controller):
+        self.path = os.fspath(path)
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves(params) + jax.tree.leaves(eqx.filter(loss, eqx.is_array)):
+            a = np.asarray(leaf)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.asarray(ts, np.float64).tobytes())
+        h.update(repr((float(t0), float(t1), type(solver).__name__, type(controller).__name__,
+                       float(getattr(controller, "rtol", 0.0)),
+                       float(getattr(controller, "atol", 0.0)))).encode())
+        self.fingerprint = h.hexdigest()
+        self.treedef = jax.tree.structure(params)
+        self.last_save = time.perf_counter()
+
+    def load(self):
+        """The saved state as a dict, or None if there is no file."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+            meta = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint: {self.path} is not a flowsim checkpoint ({e}); "
+                             f"delete it or pass another path") from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"checkpoint: {self.path} holds the solve of a different problem "
+                             f"(model, data, times, solver or tolerances differ); delete it or "
+                             f"pass another path")
+
+        def tree(prefix, n):
+            return jax.tree.unflatten(self.treedef, [data[f"{prefix}{i}"] for i in range(n)])
+
+        n = self.treedef.num_leaves
+        state = {**meta, "p": tree("p", n), "out": tree("out", n) if meta["has_out"] else None}
+        for k in ("mask", "sign", "offset", "filled", "lam", "pinv"):
+            state[k] = data.get(k)
+        return state
+
+    def save(self, state, force=False):
+        """Writes `state` (atomically) if forced or `CHECKPOINT_SECONDS` have passed."""
+        now = time.perf_counter()
+        if not force and now - self.last_save < CHECKPOINT_SECONDS:
+            return
+        self.last_save = now
+        arrays = {f"p{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state["p"]))}
+        if state["out"] is not None:
+            arrays.update({f"out{i}": x for i, x in enumerate(jax.tree.leaves(state["out"]))})
+        for k in ("mask", "sign", "offset", "filled", "lam", "pinv"):
+            if state.get(k) is not None:
+                arrays[k] = np.asarray(state[k])
+        meta = {k: state[k] for k in ("t", "dt0", "sliding", "stats", "result", "done",
+                                      "elapsed_s")}
+        meta.update(fingerprint=self.fingerprint, has_out=state["out"] is not None)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, self.path)
+
+
+def checkpoint_info(path) -> dict:
+    """What an exact solve's checkpoint file holds, without its arrays: `t` reached,
+    `stats` there, `sliding` entries, `elapsed_s` (seconds spent, summed over resumed runs),
+    `done`."""
+    with np.load(os.fspath(path), allow_pickle=False) as f:
+        meta = json.loads(str(f["meta"]))
+    return {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done")}
+
+
+def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record, bar,
+               checkpoint=None):
+    started = time.perf_counter()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     X = loss.X
     zs = model.forward(X)[1]
@@ -615,151 +707,190 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
              "num_sliding_intervals": 0, "num_releases": 0}
     result = 0
     pieces = []
-    while True:
-        if bar.n and stats["num_events"] % 10 == 0:
-            bar.set_postfix(events=stats["num_events"], sliding=len(sliding), refresh=False)
-        ts_piece = np.maximum(ts, t)
-        piece_args = (problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype),
-                      jnp.asarray(min(dt0, t1 - t), dtype), jnp.asarray(ts_piece),
-                      jnp.asarray(mask), sl, jnp.asarray(sign), jnp.asarray(offset), solver,
-                      controller, max_steps)
-        ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args)
-        if sliding and np.min(np.minimum(lam, 1 - lam)[: len(sliding)]) < -_RELEASE_TOL:
-            # A crossing was located but a release came first: locate the earlier of the two.
+    elapsed = 0.0
+    ckpt = None if checkpoint is None else _Checkpoint(checkpoint, params, loss, t0, t1, ts,
+                                                        solver, controller)
+    saved = None if ckpt is None else ckpt.load()
+    if saved is not None:
+        t, p, dt0, sliding, stats = saved["t"], saved["p"], saved["dt0"], saved["sliding"], \
+            saved["stats"]
+        mask, sign, offset = saved["mask"], saved["sign"], saved["offset"]
+        out, filled, elapsed = saved["out"], saved["filled"], saved["elapsed_s"]
+        sl = slides(sliding)
+        if saved["lam"] is not None:
+            sl = dataclasses.replace(sl, lam=jnp.asarray(saved["lam"]),
+                                     pinv=None if saved["pinv"] is None
+                                     else jnp.asarray(saved["pinv"]))
+        bar.update(t - float(t0))
+        if saved["done"]:
+            return out, stats, saved["result"], pieces
+    snap = None
+    try:
+        while True:
+            if ckpt is not None:
+                snap = {"t": t, "p": p, "dt0": dt0, "sliding": list(sliding),
+                        "stats": dict(stats), "result": 0, "done": False, "mask": mask.copy(),
+                        "sign": sign.copy(), "offset": offset.copy(), "out": out,
+                        "filled": filled.copy(), "lam": sl.lam, "pinv": sl.pinv,
+                        "elapsed_s": elapsed + time.perf_counter() - started}
+                ckpt.save(snap)
+            if bar.n and stats["num_events"] % 10 == 0:
+                bar.set_postfix(events=stats["num_events"], sliding=len(sliding), refresh=False)
+            ts_piece = np.maximum(ts, t)
+            piece_args = (problem, p, jnp.asarray(t, dtype), jnp.asarray(t1, dtype),
+                          jnp.asarray(min(dt0, t1 - t), dtype), jnp.asarray(ts_piece),
+                          jnp.asarray(mask), sl, jnp.asarray(sign), jnp.asarray(offset), solver,
+                          controller, max_steps)
+            ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args)
+            if sliding and np.min(np.minimum(lam, 1 - lam)[: len(sliding)]) < -_RELEASE_TOL:
+                # A crossing was located but a release came first: locate the earlier of the two.
+                stats["num_steps"] += int(n_steps)
+                stats["num_rejected_steps"] += int(n_rej)
+                ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args,
+                                                                           combined=True)
             stats["num_steps"] += int(n_steps)
             stats["num_rejected_steps"] += int(n_rej)
-            ys, t_end, y_end, res, n_steps, n_rej, z_end, lam = _piece(*piece_args,
-                                                                       combined=True)
-        stats["num_steps"] += int(n_steps)
-        stats["num_rejected_steps"] += int(n_rej)
-        t_end = float(t_end)
-        # The next piece's first step: a restart's initial step selection would cost two
-        # gradients. Events usually cut the step short: the next is likely within a few times
-        # this piece's length per accepted step (the controller shrinks a step that fails).
-        accepted = int(n_steps) - int(n_rej)
-        if t_end > t and accepted > 0:
-            dt0 = _FIRST_STEP_GROWTH * (t_end - t) / accepted
-        res = int(res)
-        take = (ts >= t) & (ts <= t_end) & ~filled
-        if out is None:
-            out = jax.tree.map(lambda a: np.array(a), ys)
-        else:
-            def merge(o, a, take=take):
-                return np.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, o)
+            t_end = float(t_end)
+            # The next piece's first step: a restart's initial step selection would cost two
+            # gradients. Events usually cut the step short: the next is likely within a few times
+            # this piece's length per accepted step (the controller shrinks a step that fails).
+            accepted = int(n_steps) - int(n_rej)
+            if t_end > t and accepted > 0:
+                dt0 = _FIRST_STEP_GROWTH * (t_end - t) / accepted
+            res = int(res)
+            take = (ts >= t) & (ts <= t_end) & ~filled
+            if out is None:
+                out = jax.tree.map(lambda a: np.array(a), ys)
+            else:
+                def merge(o, a, take=take):
+                    return np.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, o)
 
-            out = jax.tree.map(merge, out, jax.tree.map(np.asarray, ys))
-        filled |= take
-        if record:
-            pieces.append({"t0": t, "t1": float(t_end), "p0": p, "p1": y_end, "mask": mask.copy(),
-                           "sliding": list(sliding), "events": []})
-        bar.update(t_end - t)
-        p = y_end
-        t = t_end
-        event = res == dfx.RESULTS.event_occurred._value
-        if not event:
-            result = res
-            break
-        if t >= t1:
-            break
-        stats["num_events"] += 1
-        if stats["num_events"] > max_events:
-            result = -1
-            break
-        z_end = np.asarray(z_end)
-        lam_piece = np.asarray(lam)
-        lam = lam_piece[: len(sliding)]
-        zscale = max(float(np.max(np.abs(z_end))), np.finfo(dtype).tiny)
-        delta = 1e-12 * zscale
-        piece_sliding = list(sliding)
-        # Releases: a sliding entry whose lambda reached 0 or 1 leaves the surface.
-        for pos, j in enumerate(list(sliding)):
-            if lam[pos] <= _RELEASE_TOL or lam[pos] >= 1 - _RELEASE_TOL:
-                side = 1.0 if lam[pos] >= 0.5 else 0.0
-                sliding.remove(j)
+                out = jax.tree.map(merge, out, jax.tree.map(np.asarray, ys))
+            filled |= take
+            if record:
+                pieces.append({"t0": t, "t1": float(t_end), "p0": p, "p1": y_end,
+                               "mask": mask.copy(), "sliding": list(sliding), "events": []})
+            bar.update(t_end - t)
+            p = y_end
+            t = t_end
+            event = res == dfx.RESULTS.event_occurred._value
+            if not event:
+                result = res
+                break
+            if t >= t1:
+                break
+            stats["num_events"] += 1
+            if stats["num_events"] > max_events:
+                result = -1
+                break
+            z_end = np.asarray(z_end)
+            lam_piece = np.asarray(lam)
+            lam = lam_piece[: len(sliding)]
+            zscale = max(float(np.max(np.abs(z_end))), np.finfo(dtype).tiny)
+            delta = 1e-12 * zscale
+            piece_sliding = list(sliding)
+            # Releases: a sliding entry whose lambda reached 0 or 1 leaves the surface.
+            for pos, j in enumerate(list(sliding)):
+                if lam[pos] <= _RELEASE_TOL or lam[pos] >= 1 - _RELEASE_TOL:
+                    side = 1.0 if lam[pos] >= 0.5 else 0.0
+                    sliding.remove(j)
+                    mask[j] = side
+                    sign[j] = 1.0 if side else -1.0
+                    offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
+                    stats["num_releases"] += 1
+                    if record:
+                        pieces[-1]["events"].append(("release", j))
+            # Hits: entries whose event value reached zero.
+            values = np.where(sign == 0, np.inf, sign * z_end + offset)
+            hits = np.flatnonzero(values <= 1e-9 * zscale)
+            for j in hits:
+                mask_eff = mask.copy()
+                # The piece's slope guess serves while the sliding set is the piece's.
+                sl_now = sl if sliding == piece_sliding else slides(sliding)
+                point, col = _locate(np.array([j]), problem.shapes)
+                both = []
+                for side in (1.0, 0.0):
+                    mask_eff[j] = side
+                    zd = _zdot_entry(problem, p, jnp.asarray(mask_eff), sl_now,
+                                     jnp.asarray(point[0]), jnp.asarray(col[0]))
+                    both.append(float(zd))
+                zd_plus, zd_minus = both
+                was_active = sign[j] > 0
+                # Derivatives at rounding level (e.g. exactly 0 with orthogonal inputs) count as 0.
+                tiny = 1e-12 * (abs(zd_plus) + abs(zd_minus))
+                approaching = (zd_plus if was_active else zd_minus) * sign[j] < -tiny
+                if not approaching:
+                    offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
+                    continue
+                other = zd_minus if was_active else zd_plus
+                pushes_back = other * sign[j] > tiny  # the far side drives z back to the surface
+                if pushes_back:
+                    sliding.append(int(j))
+                    sign[j] = 0.0
+                    offset[j] = 0.0
+                    stats["num_sliding_intervals"] += 1
+                    if record:
+                        pieces[-1]["events"].append(("slide", int(j)))
+                else:
+                    mask[j] = 0.0 if was_active else 1.0
+                    sign[j] = -sign[j]
+                    offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
+                    stats["num_crossings"] += 1
+                    if record:
+                        pieces[-1]["events"].append(("cross", int(j)))
+            # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
+            # released before the next piece, so the release condition starts positive.
+            # The next piece starts its slope solves from the slopes here and the pseudo-inverse
+            # of their Jacobian here (`slope_guess`). The slopes: by chord iterations from the last
+            # piece's guess while the sliding set is that piece's, else by Newton from the slopes
+            # known (0 for entries that just joined).
+            # (A Jacobian kept over several pieces slowed the chord to ~0.2 per iteration on the
+            # Fig 2 network with 33 entries sliding, and Newton took over: 1.4 s per piece.)
+            reuse = sliding == piece_sliding
+            known = dict(zip(piece_sliding, lam_piece.tolist()))
+            while True:
+                if not sliding:
+                    sl = slides(sliding)
+                    break
+                if reuse:  # `sl` is still the piece's
+                    start = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
+                else:  # Newton from the known slopes, 0 for entries that just joined
+                    start = slides(sliding)
+                    warm = np.zeros(start.idx.shape[0], dtype)
+                    warm[: len(sliding)] = [known.get(j, 0.0) for j in sliding]
+                    start = dataclasses.replace(start, lam=jnp.asarray(warm))
+                sl = _slope_guess(problem, p, jnp.asarray(mask), start)
+                reuse = False
+                lam_now = np.asarray(sl.lam)
+                known = dict(zip(sliding, lam_now.tolist()))
+                out_of_range = [pos for pos in range(len(sliding))
+                                if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
+                if not out_of_range:
+                    break
+                pos = out_of_range[0]
+                j = sliding.pop(pos)
+                side = 1.0 if lam_now[pos] >= 0.5 else 0.0
                 mask[j] = side
                 sign[j] = 1.0 if side else -1.0
                 offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
                 stats["num_releases"] += 1
                 if record:
-                    pieces[-1]["events"].append(("release", j))
-        # Hits: entries whose event value reached zero.
-        values = np.where(sign == 0, np.inf, sign * z_end + offset)
-        hits = np.flatnonzero(values <= 1e-9 * zscale)
-        for j in hits:
-            mask_eff = mask.copy()
-            # The piece's slope guess serves while the sliding set is the piece's.
-            sl_now = sl if sliding == piece_sliding else slides(sliding)
-            point, col = _locate(np.array([j]), problem.shapes)
-            both = []
-            for side in (1.0, 0.0):
-                mask_eff[j] = side
-                zd = _zdot_entry(problem, p, jnp.asarray(mask_eff), sl_now,
-                                 jnp.asarray(point[0]), jnp.asarray(col[0]))
-                both.append(float(zd))
-            zd_plus, zd_minus = both
-            was_active = sign[j] > 0
-            # Derivatives at rounding level (e.g. exactly 0 with orthogonal inputs) count as 0.
-            tiny = 1e-12 * (abs(zd_plus) + abs(zd_minus))
-            approaching = (zd_plus if was_active else zd_minus) * sign[j] < -tiny
-            if not approaching:
-                offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
-                continue
-            other = zd_minus if was_active else zd_plus
-            pushes_back = other * sign[j] > tiny  # the far side drives z back to the surface
-            if pushes_back:
-                sliding.append(int(j))
-                sign[j] = 0.0
-                offset[j] = 0.0
-                stats["num_sliding_intervals"] += 1
-                if record:
-                    pieces[-1]["events"].append(("slide", int(j)))
-            else:
-                mask[j] = 0.0 if was_active else 1.0
-                sign[j] = -sign[j]
-                offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
-                stats["num_crossings"] += 1
-                if record:
-                    pieces[-1]["events"].append(("cross", int(j)))
-        # A sliding entry whose slope is already at 0 or 1 (a far side at rounding level) is
-        # released before the next piece, so the release condition starts positive.
-        # The next piece starts its slope solves from the slopes here and the pseudo-inverse
-        # of their Jacobian here (`slope_guess`). The slopes: by chord iterations from the last
-        # piece's guess while the sliding set is that piece's, else by Newton from the slopes
-        # known (0 for entries that just joined).
-        # (A Jacobian kept over several pieces slowed the chord to ~0.2 per iteration on the
-        # Fig 2 network with 33 entries sliding, and Newton took over: 1.4 s per piece.)
-        reuse = sliding == piece_sliding
-        known = dict(zip(piece_sliding, lam_piece.tolist()))
-        while True:
-            if not sliding:
-                sl = slides(sliding)
-                break
-            if reuse:  # `sl` is still the piece's
-                start = dataclasses.replace(sl, lam=jnp.asarray(lam_piece))
-            else:  # Newton from the known slopes, 0 for entries that just joined
-                start = slides(sliding)
-                warm = np.zeros(start.idx.shape[0], dtype)
-                warm[: len(sliding)] = [known.get(j, 0.0) for j in sliding]
-                start = dataclasses.replace(start, lam=jnp.asarray(warm))
-            sl = _slope_guess(problem, p, jnp.asarray(mask), start)
-            reuse = False
-            lam_now = np.asarray(sl.lam)
-            known = dict(zip(sliding, lam_now.tolist()))
-            out_of_range = [pos for pos in range(len(sliding))
-                            if not (_RELEASE_TOL < lam_now[pos] < 1 - _RELEASE_TOL)]
-            if not out_of_range:
-                break
-            pos = out_of_range[0]
-            j = sliding.pop(pos)
-            side = 1.0 if lam_now[pos] >= 0.5 else 0.0
-            mask[j] = side
-            sign[j] = 1.0 if side else -1.0
-            offset[j] = max(0.0, -sign[j] * z_end[j]) + delta
-            stats["num_releases"] += 1
-            if record:
-                pieces[-1]["events"].append(("release", int(j)))
+                    pieces[-1]["events"].append(("release", int(j)))
+    except KeyboardInterrupt:
+        if snap is not None:
+            ckpt.save(snap, force=True)
+        raise
     if not filled.all() and result == 0:
         result = -2
     stats["num_sliding_now"] = len(sliding)
     stats["t_reached"] = t
+    if ckpt is not None:
+        elapsed += time.perf_counter() - started
+        if result == 0:
+            ckpt.save({"t": t, "p": p, "dt0": dt0, "sliding": list(sliding), "stats": stats,
+                       "result": 0, "done": True, "mask": mask, "sign": sign,
+                       "offset": offset, "out": out, "filled": filled, "lam": None,
+                       "pinv": None, "elapsed_s": elapsed}, force=True)
+        elif snap is not None:  # carry on from the failed piece's start with a larger budget
+            ckpt.save(snap, force=True)
     return out, stats, result, pieces

@@ -13,9 +13,13 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    zig-zagging across a surface that the exact flow slides on, or many true crossings);
 3. the exact path (`kinks="exact"`) for `--exact-events` events: wall time per event and
    time covered, hence the projected cost of the exact solve over the flips counted in 2;
-   its layer-gap drift up to `--exact-t` (saved there), next to the smooth solve's over the
-   same interval, and the smooth solve's distance from it there against the smooth solve's
-   own error estimate (`error_estimate=True`);
+   its layer-gap drift up to `--exact-t` (saved at 11 times there), next to the smooth
+   solve's over the same interval, and the smooth solve's distance from it there against the
+   smooth solve's own error estimate (`error_estimate=True`). With `--checkpoint FILE` the
+   exact solve keeps its state in FILE and resumes from it, so the full horizon can be run
+   in pieces: `--exact-t 20 --exact-events 1000000 --checkpoint runs/fig2_exact.npz`, stopped
+   by SIGINT (`timeout -s INT 3h ...`) and restarted at will; the wall time is summed over
+   the runs;
 4. (`--late-start T`) the exact path late in the flow: started from the smooth solve's state
    at T for `--late-events` events, which shows how many entries slide at once there and
    what an event costs then;
@@ -28,13 +32,16 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
+                                 [--checkpoint FILE]
                                  [--late-start 19.5] [--late-events 100]
                                  [--steps smooth,pattern,exact,late,estimate,tolerances]
                                  [--out results.json]
 """
 
 import json
+import os
 import resource
+import subprocess
 import time
 
 import _fig2
@@ -46,6 +53,7 @@ import numpy as np
 
 import flowsim
 from flowsim import invariants as inv
+from flowsim._kinks import checkpoint_info
 
 
 def pattern_flips(net, loss, t1, rtol, saves, max_steps=5_000):
@@ -129,6 +137,29 @@ def solve(net, loss, t1, rtol, kinks, ts=None, keep=None, **kw):
     return row
 
 
+def segment_start(path):
+    """The exact solve's state in its checkpoint before this run (None: a fresh solve)."""
+    return checkpoint_info(path) if path is not None and os.path.exists(path) else None
+
+
+def segment_end(path, before, interrupted):
+    """What this run of a checkpointed exact solve did, appended to `<path>.segments.jsonl`
+    (one line per run: the code version, flow time and events covered, seconds)."""
+    after = checkpoint_info(path)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    start = before or {"t": 0.0, "stats": {"num_events": 0}, "elapsed_s": 0.0}
+    row = {"commit": commit.stdout.strip(), "interrupted": interrupted,
+           "t_from": start["t"], "t_to": after["t"],
+           "events_from": start["stats"]["num_events"], "events_to": after["stats"]["num_events"],
+           "wall_s": after["elapsed_s"] - start["elapsed_s"], "elapsed_s": after["elapsed_s"],
+           "sliding_now": len(after["sliding"]), "stats": after["stats"],
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(f"{path}.segments.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
 def late(net, loss, t_start, t1, rtol, events):
     """The exact path from the smooth solve's state at `t_start`: entries that the smooth
     solver zig-zags across sit within its error of their surfaces there, so the exact path
@@ -163,6 +194,10 @@ def main():
                         help="step 4: start the exact path from the smooth state at this time")
     parser.add_argument("--late-events", type=int, default=100,
                         help="events the late exact path is run for (step 4)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="step 3: keep the exact solve's state in this .npz file and resume "
+                             "from it (stop a run with Ctrl-C or SIGINT; each run is logged in "
+                             "<checkpoint>.segments.jsonl)")
     names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances")
     parser.add_argument("--steps", default=",".join(names[:-1]),
                         help="which steps to run (late only with --late-start)")
@@ -183,10 +218,22 @@ def main():
         rows["pattern"]["wall_s"] = time.perf_counter() - start
         print("pattern changes", json.dumps(rows["pattern"]), flush=True)
     if "exact" in steps:
-        early = jnp.linspace(0, args.exact_t, 5)
+        early = jnp.linspace(0, args.exact_t, 11)
         kept = []
-        exact = solve(net, loss, args.t1, args.rtol, "exact", ts=early, max_steps=50_000,
-                      max_events=args.exact_events, progress=True, keep=kept)
+        before = segment_start(args.checkpoint)
+        try:
+            exact = solve(net, loss, args.t1, args.rtol, "exact", ts=early, max_steps=50_000,
+                          max_events=args.exact_events, progress=True, keep=kept,
+                          checkpoint=args.checkpoint)
+        except KeyboardInterrupt:
+            if args.checkpoint is None:
+                raise
+            row = segment_end(args.checkpoint, before, interrupted=True)
+            print("exact (interrupted)", json.dumps(row), flush=True)
+            return
+        if args.checkpoint is not None:
+            exact["segment"] = segment_end(args.checkpoint, before, interrupted=False)
+            exact["wall_s_all_segments"] = exact["segment"]["elapsed_s"]
         smooth = solve(net, loss, args.exact_t, args.rtol, "smooth", ts=early, keep=kept,
                        error_estimate=True)
         if exact["t_reached"] >= args.exact_t:
@@ -196,7 +243,8 @@ def main():
                 np.max(np.linalg.norm(s - e, axis=1)) / np.max(np.linalg.norm(e, axis=1)))
         rows["smooth_to_exact_t"] = smooth
         print("smooth to --exact-t", json.dumps(rows["smooth_to_exact_t"]), flush=True)
-        per_event = exact["wall_s"] / max(exact["num_events"], 1)
+        per_event = exact.get("wall_s_all_segments", exact["wall_s"]) / max(
+            exact["num_events"], 1)
         exact["wall_s_per_event"] = per_event
         if "pattern" in rows:
             exact["projected_wall_s_for_counted_changes"] = (

@@ -528,3 +528,43 @@ def test_progress_bar_changes_nothing(kinks, capsys):
     err = capsys.readouterr().err
     assert re.search(r"\d%\|", err) and ("exact kinks" in err) == (kinks == "exact"), err[-300:]
     assert tree_max_abs_diff(quiet.models, shown.models) == 0.0
+
+
+def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeypatch):
+    # Interrupted while an entry slides, the solve resumes from its checkpoint to the very
+    # same solution and statistics as the uninterrupted one (slide2: 5 crossings, 2 slides).
+    from flowsim import _kinks
+
+    (model, loss), (full, full_stats, *_) = solutions["slide2"]
+    path = tmp_path / "slide2.npz"
+    monkeypatch.setattr(_kinks, "CHECKPOINT_SECONDS", 0.0)  # save at every piece start
+    piece, calls = _kinks._piece, []
+
+    def interrupted(*args, **kw):
+        calls.append(None)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return piece(*args, **kw)
+
+    monkeypatch.setattr(_kinks, "_piece", interrupted)
+    args = (model, loss, 0.0, T, np.linspace(0.0, T, 201), dfx.Tsit5(),
+            dfx.PIDController(rtol=1e-12, atol=1e-12), 100_000, 1000)
+    with pytest.raises(KeyboardInterrupt):
+        kink_flow(*args, checkpoint=path)
+    saved = _kinks._Checkpoint(path, eqx.filter(model, eqx.is_inexact_array), loss, 0.0, T,
+                               args[4], args[5], args[6]).load()
+    assert saved["sliding"] and not saved["done"] and 0 < saved["t"] < T, saved["t"]
+    monkeypatch.setattr(_kinks, "_piece", piece)
+    out, stats, result, _ = kink_flow(*args, checkpoint=path)
+    assert result == 0 and stats == full_stats
+    assert tree_max_abs_diff(out, full) == 0.0
+    # A finished solve is returned from its file without integrating again.
+    monkeypatch.setattr(_kinks, "_piece", None)
+    again = kink_flow(*args, checkpoint=path)
+    assert again[2] == 0 and tree_max_abs_diff(again[0], full) == 0.0
+    # Another problem's file is refused, naming the argument and the fix.
+    other = args[:6] + (dfx.PIDController(rtol=1e-11, atol=1e-12),) + args[7:]
+    with pytest.raises(ValueError, match=r"^checkpoint: .* different problem.*delete it"):
+        kink_flow(*other, checkpoint=path)
+    with pytest.raises(ValueError, match="`checkpoint` is for the exact-kink path"):
+        flowsim.gradient_flow(model, loss, 1.0, kinks="smooth", checkpoint=path)
