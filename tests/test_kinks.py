@@ -200,15 +200,21 @@ def test_orthogonal_inputs_unit_stays_at_kink():
     assert float(np.min(z[~after, 1, 0])) > 0
 
 
-def test_leaky_relu_and_batched_exact():
+def test_leaky_relu_and_batched_exact(tmp_path):
     k1, k2, k3 = jr.split(jr.key(4), 3)
     X = jr.normal(k1, (4, 2))
     Y = jr.normal(k2, (4, 1))
     nets = flowsim.init.batch(lambda k: MLP((2, 3, 1), "leaky_relu", key=k), 2, key=k3)
     loss = flowsim.losses.square(X, Y)
     kw = dict(solver="tsit5", rtol=1e-12, atol=1e-12)
-    batch = flowsim.gradient_flow(nets, loss, 5.0, batched=True, **kw)
+    batch = flowsim.gradient_flow(nets, loss, 5.0, batched=True, checkpoint=tmp_path / "b.npz",
+                                  **kw)
     assert np.all(np.asarray(batch.succeeded))
+    # One checkpoint per member; a rerun returns the finished members from their files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b-0.npz", "b-1.npz"]
+    again = flowsim.gradient_flow(nets, loss, 5.0, batched=True, checkpoint=tmp_path / "b.npz",
+                                  **kw)
+    assert tree_max_abs_diff(again.models, batch.models) == 0.0
     assert int(np.sum(np.asarray(batch.stats["num_events"]))) >= 1
     for i in range(2):
         single = flowsim.gradient_flow(jax.tree.map(lambda x, i=i: x[i], nets), loss, 5.0, **kw)
