@@ -138,21 +138,30 @@ def solve(net, loss, t1, rtol, kinks, ts=None, keep=None, **kw):
 
 
 def segment_start(path):
-    """The exact solve's state in its checkpoint before this run (None: a fresh solve)."""
-    return checkpoint_info(path) if path is not None and os.path.exists(path) else None
+    """The exact solve's state in its checkpoint before this run (`t` 0 for a fresh solve),
+    and the code version that runs it."""
+    if path is not None and os.path.exists(path):
+        before = checkpoint_info(path)
+    else:
+        before = {"t": 0.0, "stats": {"num_events": 0}, "elapsed_s": 0.0}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=here).stdout
+
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return {**before, "commit": git("rev-parse", "--short", "HEAD").strip()
+            + ("+changes" if dirty else "")}
 
 
 def segment_end(path, before, interrupted):
     """What this run of a checkpointed exact solve did, appended to `<path>.segments.jsonl`
     (one line per run: the code version, flow time and events covered, seconds)."""
     after = checkpoint_info(path)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    start = before or {"t": 0.0, "stats": {"num_events": 0}, "elapsed_s": 0.0}
-    row = {"commit": commit.stdout.strip(), "interrupted": interrupted,
-           "t_from": start["t"], "t_to": after["t"],
-           "events_from": start["stats"]["num_events"], "events_to": after["stats"]["num_events"],
-           "wall_s": after["elapsed_s"] - start["elapsed_s"], "elapsed_s": after["elapsed_s"],
+    row = {"commit": before["commit"], "interrupted": interrupted,
+           "t_from": before["t"], "t_to": after["t"],
+           "events_from": before["stats"]["num_events"], "events_to": after["stats"]["num_events"],
+           "wall_s": after["elapsed_s"] - before["elapsed_s"], "elapsed_s": after["elapsed_s"],
            "sliding_now": len(after["sliding"]), "stats": after["stats"],
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(f"{path}.segments.jsonl", "a") as f:
