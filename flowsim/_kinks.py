@@ -668,13 +668,19 @@ class _Checkpoint:
         os.replace(tmp, self.path)
 
 
-def checkpoint_info(path) -> dict:
-    """What an exact solve's checkpoint file holds, without its arrays: `t` reached,
-    `stats` there, `sliding` entries, `elapsed_s` (seconds spent, summed over resumed runs),
-    `done`."""
+def checkpoint_info(path, states: bool = False) -> dict:
+    """What an exact solve's checkpoint file holds: `t` reached, `stats` there, `sliding`
+    entries, `elapsed_s` (seconds spent, summed over resumed runs), `done`; with `states`
+    also `filled` (which save times the solve has passed) and `saved`, the leaves of the
+    parameters at the save times (leading axis: time; rows not `filled` are not meaningful)."""
     with np.load(os.fspath(path), allow_pickle=False) as f:
         meta = json.loads(str(f["meta"]))
-    return {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done")}
+        info = {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done")}
+        if states:
+            n = sum(k.startswith("out") for k in f.files)
+            info["filled"] = f["filled"] if "filled" in f.files else None
+            info["saved"] = [f[f"out{i}"] for i in range(n)]
+    return info
 
 
 def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record, bar,

@@ -29,12 +29,16 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 6. (`tolerances`, not in the default steps: ~80 min) smooth solves at rtol, rtol / 10 and
    rtol / 100, and their pairwise distances at the 11 saved times: how the error shrinks with
    the tolerance, hence how far the estimate of step 5 can be trusted.
+7. (`progress`, with `--checkpoint`, not in the default steps) the checkpointed exact solve of
+   step 3 as far as it has got: events, sliding entries, seconds, layer-gap drift over the
+   save times passed, and there the smooth solve's true error (its distance from the exact
+   path) next to its error estimate.
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
                                  [--checkpoint FILE]
                                  [--late-start 19.5] [--late-events 100]
-                                 [--steps smooth,pattern,exact,late,estimate,tolerances]
+                                 [--steps smooth,pattern,exact,late,estimate,tolerances,progress]
                                  [--out results.json]
 """
 
@@ -169,6 +173,40 @@ def segment_end(path, before, interrupted):
     return row
 
 
+def exact_so_far(net, loss, path, exact_t, rtol):
+    """The checkpointed exact solve as far as it has got: its event counts, seconds and the
+    layer-gap drift over the save times it has passed, and the smooth solve's distance from
+    it there (its true error, with the exact path as reference) next to the smooth solve's
+    error estimate over the same times."""
+    info = checkpoint_info(path, states=True)
+    ts = np.linspace(0, exact_t, 11)
+    passed = np.flatnonzero(info["filled"])
+    if passed.size < 2:
+        return {"t_reached": info["t"], "note": "no save time after t = 0 passed yet"}
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    leaves = [np.asarray(x)[passed] for x in info["saved"]]
+    exact = eqx.combine(jax.tree.unflatten(jax.tree.structure(params), leaves), static)
+    gaps = np.asarray(inv.layer_gaps(exact))
+    norms = np.asarray(inv.layer_norms(net))
+    kept = []
+    smooth = solve(net, loss, ts[passed[-1]], rtol, "smooth", ts=jnp.asarray(ts[passed]),
+                   keep=kept, error_estimate=True, max_steps=50_000)
+    e = np.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
+    s = flat(kept[0])
+    dist = np.linalg.norm(s - e, axis=1) / np.max(np.linalg.norm(e, axis=1))
+    return {
+        "t_reached": info["t"], **{k: v for k, v in info["stats"].items()},
+        "sliding_now": len(info["sliding"]), "elapsed_s": info["elapsed_s"],
+        "wall_s_per_event": info["elapsed_s"] / max(info["stats"]["num_events"], 1),
+        "save_times_passed": [float(t) for t in ts[passed]],
+        "layer_gap_drift": [float(d) for d in np.max(np.abs(gaps - gaps[0]), axis=0)],
+        "layer_gap_drift_relative": [float(d) for d in
+                                     np.max(np.abs(gaps - gaps[0]), axis=0) / norms[1:]],
+        "smooth": smooth,
+        "smooth_distance_from_exact_path": [float(d) for d in dist],
+    }
+
+
 def late(net, loss, t_start, t1, rtol, events):
     """The exact path from the smooth solve's state at `t_start`: entries that the smooth
     solver zig-zags across sit within its error of their surfaces there, so the exact path
@@ -207,8 +245,8 @@ def main():
                         help="step 3: keep the exact solve's state in this .npz file and resume "
                              "from it (stop a run with Ctrl-C or SIGINT; each run is logged in "
                              "<checkpoint>.segments.jsonl)")
-    names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances")
-    parser.add_argument("--steps", default=",".join(names[:-1]),
+    names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances", "progress")
+    parser.add_argument("--steps", default=",".join(names[:-2]),
                         help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
     steps = set(args.steps.split(","))
@@ -278,6 +316,11 @@ def main():
             rows["tolerances"][f"distance_{tols[i]:g}_{tols[j]:g}"] = list(
                 np.linalg.norm(a - b, axis=1) / scale)
         print("tolerances", json.dumps(rows["tolerances"]), flush=True)
+    if "progress" in steps:
+        if args.checkpoint is None:
+            parser.error("--steps progress reads the exact solve's --checkpoint FILE")
+        rows["progress"] = exact_so_far(net, loss, args.checkpoint, args.exact_t, args.rtol)
+        print("exact so far", json.dumps(rows["progress"]), flush=True)
     rows["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print("peak RSS (GB):", rows["peak_rss_gb"])
     if args.out:
