@@ -79,6 +79,13 @@ class _Problem(eqx.Module):
     def model(self, p):
         return eqx.combine(p, self.static)
 
+    @property
+    def dense_first(self) -> bool:
+        """The first parameter leaf is a dense first layer W_1 applied to the data's rows."""
+        from .models import MLP, TwoLayerReLU
+
+        return isinstance(self.static, MLP | TwoLayerReLU) and self.loss.X.ndim == 2
+
     def unflatten(self, v):
         out, i = [], 0
         for shape in self.shapes:
@@ -315,10 +322,25 @@ class _Problem(eqx.Module):
                                (p,), (field,))[1][0, c]
             return jax.grad(zdot)(lam)
 
-        A = jax.vmap(grad_z)(slot, sub)
-        B = jax.vmap(d_field)(slot, sub, weights[slot], lam)
-        cross = sum(a.reshape(k, -1) @ b.reshape(k, -1).T
-                    for a, b in zip(jax.tree.leaves(A), jax.tree.leaves(B)))
+        A = jax.tree.leaves(jax.vmap(grad_z)(slot, sub))
+        B = jax.tree.leaves(jax.vmap(d_field)(slot, sub, weights[slot], lam))
+        cross = 0.0
+        if self.dense_first:
+            # The first layer sees only the data: a row of point n depends on W_1 through
+            # W_1 x_n (x_n with a 1 appended if W_1 holds a bias column), so both A_a and B_b
+            # restricted to W_1 are outer products u (x) x_n, and <A_a, B_b> there is
+            # (u_a . v_b)(x_a . x_b): O(k^2 (h_1 + d)) flops instead of O(k^2 h_1 d), the bulk
+            # of k^2 P when the input is wide (90 % of the Fig 2 network's parameters).
+            X = self.loss.X[pts[slot]]
+            if A[0].shape[-1] == X.shape[-1] + 1:
+                X = jnp.concatenate([X, jnp.ones_like(X[:, :1])], axis=1)
+            sq = jnp.sum(X * X, axis=1)
+            inv = jnp.where(sq > 0, 1 / jnp.where(sq > 0, sq, 1), 0.0)[:, None]
+            U = jnp.einsum("khd,kd->kh", A[0], X) * inv
+            V = jnp.einsum("khd,kd->kh", B[0], X) * inv
+            cross = (U @ V.T) * (X @ X.T)
+            A, B = A[1:], B[1:]
+        cross = cross + sum(a.reshape(k, -1) @ b.reshape(k, -1).T for a, b in zip(A, B))
         return cross + jax.vmap(d_own_row)(slot, sub)
 
     def slope_guess(self, p, mask, sl):

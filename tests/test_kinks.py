@@ -242,20 +242,23 @@ def test_orthogonal_four_units_no_missed_crossing():
     assert errs[1] < 0.3 * errs[0] and errs[1] <= 1e-3, errs  # GD(eta) -> flow, O(eta)
 
 
-def _coupled_sliding():
-    """Point 0 on the kinks of layer-1 unit 0 and layer-2 unit 1 of a 3-4-4-2 ReLU MLP:
-    (problem, params, mask, sliding entries)."""
+def _coupled_sliding(bias=False):
+    """Point 0 on the kinks of layer-1 unit 0 and layer-2 unit 1 of a 3-4-4-2 ReLU MLP
+    (`bias`: with biases): (problem, params, mask, sliding entries)."""
     from flowsim._kinks import _Problem
 
     k1, k2, k3 = jr.split(jr.key(0), 3)
     X = jr.normal(k1, (5, 3))
     Y = jr.normal(k2, (5, 2))
-    W1, W2, W3 = (jr.normal(k, s) for k, s in zip(jr.split(k3, 3), [(4, 3), (4, 4), (2, 4)]))
-    x0 = X[0]
+    e = int(bias)
+    W1, W2, W3 = (jr.normal(k, s) for k, s in zip(jr.split(k3, 3),
+                                                   [(4, 3 + e), (4, 4 + e), (2, 4 + e)]))
+    one = jnp.ones(e)
+    x0 = jnp.concatenate([X[0], one])
     W1 = W1.at[0].add(-(W1[0] @ x0) / (x0 @ x0) * x0)
-    h0 = jax.nn.relu(W1 @ x0)
+    h0 = jnp.concatenate([jax.nn.relu(W1 @ x0), one])
     W2 = W2.at[1].add(-(W2[1] @ h0) / (h0 @ h0) * h0)
-    net = MLP.from_weights([W1, W2, W3], "relu")
+    net = MLP.from_weights([W1, W2, W3], "relu", use_bias=bias)
     loss = flowsim.losses.square(X, Y)
     params, static = eqx.partition(net, eqx.is_inexact_array)
     zs = net.forward(X)[1]
@@ -392,15 +395,19 @@ def test_sliding_chord_from_guess_equals_newton(per_point):
         assert tree_max_abs_diff(chord[2], newton[2]) <= 1e-12 * scale
 
 
-def test_sliding_jacobian_from_rows_equals_forward_mode():
+@pytest.mark.parametrize("bias", [False, True])
+def test_sliding_jacobian_from_rows_equals_forward_mode(bias):
     # For a per-point loss the slopes' Jacobian is built from one row per sliding entry
-    # (A B^T + D, `_sliding_jacobian`); it must equal forward-mode autodiff through the
-    # residual. The identity holds at any state and slopes, so it is checked away from the
-    # solution too: five entries (two points with entries in both layers, two in one layer,
-    # point 0 among them, so next to the padding of the bucket of 8), random slopes.
+    # (A B^T + D, `_sliding_jacobian`, the first layer's part of A B^T from the outer-product
+    # structure, with the bias column appended to the inputs); it must equal forward-mode
+    # autodiff through the residual. The identity holds at any state and slopes, so it is
+    # checked away from the solution too: five entries (two points with entries in both
+    # layers, two in one layer, point 0 among them, so next to the padding of the bucket of
+    # 8), random slopes.
     from flowsim._kinks import _sliding_arrays
 
-    problem, params, mask, _ = _coupled_sliding()
+    problem, params, mask, _ = _coupled_sliding(bias)
+    assert problem.dense_first
     entries = [0, 2, 5 * 4 + 0 * 4 + 1, 5 * 4 + 3 * 4 + 2, 3 * 4 + 1]
     sl = _sliding_arrays(entries, problem.shapes, True)
     assert sl.idx.shape[0] == 8
