@@ -643,6 +643,7 @@ class _Checkpoint:
         self.fingerprint = h.hexdigest()
         self.treedef = jax.tree.structure(params)
         self.last_save = time.perf_counter()
+        self.history = []
 
     def load(self):
         """The saved state as a dict, or None if there is no file."""
@@ -663,6 +664,7 @@ class _Checkpoint:
         def tree(prefix, n):
             return jax.tree.unflatten(self.treedef, [data[f"{prefix}{i}"] for i in range(n)])
 
+        self.history = meta.get("history", [])
         n = self.treedef.num_leaves
         state = {**meta, "p": tree("p", n), "out": tree("out", n) if meta["has_out"] else None}
         for k in ("mask", "sign", "offset", "filled", "lam", "pinv"):
@@ -683,7 +685,11 @@ class _Checkpoint:
                 arrays[k] = np.asarray(state[k])
         meta = {k: state[k] for k in ("t", "dt0", "sliding", "stats", "result", "done",
                                       "elapsed_s")}
-        meta.update(fingerprint=self.fingerprint, has_out=state["out"] is not None)
+        # One row per write: how the solve progressed (time, events, sliding, seconds).
+        self.history.append([state["t"], state["stats"]["num_events"], len(state["sliding"]),
+                             state["elapsed_s"]])
+        meta.update(fingerprint=self.fingerprint, has_out=state["out"] is not None,
+                    history=self.history)
         tmp = f"{self.path}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
@@ -692,12 +698,14 @@ class _Checkpoint:
 
 def checkpoint_info(path, states: bool = False) -> dict:
     """What an exact solve's checkpoint file holds: `t` reached, `stats` there, `sliding`
-    entries, `elapsed_s` (seconds spent, summed over resumed runs), `done`; with `states`
+    entries, `elapsed_s` (seconds spent, summed over resumed runs), `done`, `history` (one row
+    [t, events, entries sliding, seconds] per write of the file); with `states`
     also `filled` (which save times the solve has passed) and `saved`, the leaves of the
     parameters at the save times (leading axis: time; rows not `filled` are not meaningful)."""
     with np.load(os.fspath(path), allow_pickle=False) as f:
         meta = json.loads(str(f["meta"]))
         info = {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done")}
+        info["history"] = meta.get("history", [])
         if states:
             n = sum(k.startswith("out") for k in f.files)
             info["filled"] = f["filled"] if "filled" in f.files else None

@@ -571,6 +571,11 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
     out, stats, result, _ = kink_flow(*args, checkpoint=path)
     assert result == 0 and stats == full_stats
     assert tree_max_abs_diff(out, full) == 0.0
+    # The file's history: a row [t, events, sliding, seconds] per write, kept over the resume.
+    history = np.array(_kinks.checkpoint_info(path)["history"])
+    assert history.shape[1] == 4 and history.shape[0] > len(calls)
+    assert history[-1, 0] == T and history[-1, 1] == full_stats["num_events"]
+    assert np.all(np.diff(history[:, :2], axis=0) >= 0)
     # A finished solve is returned from its file without integrating again.
     monkeypatch.setattr(_kinks, "_piece", None)
     again = kink_flow(*args, checkpoint=path)
