@@ -32,7 +32,7 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 7. (`progress`, with `--checkpoint`, not in the default steps) the checkpointed exact solve of
    step 3 as far as it has got: events, sliding entries, seconds, layer-gap drift over the
    save times passed, and there the smooth solve's true error (its distance from the exact
-   path) next to its error estimate.
+   path) next to its error estimate; with `--out`, a figure of it next to the JSON (.png).
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
@@ -207,6 +207,48 @@ def exact_so_far(net, loss, path, exact_t, rtol):
     }
 
 
+def plot_progress(row, checkpoint, png):
+    """Events, entries sliding and seconds along the exact solve's flow time (from the
+    checkpoint's history and the ends of the runs logged), and the smooth solve's distance
+    from the exact path at the save times passed."""
+    from flowsim.reproduce._base import figure, finish
+
+    points = [(0.0, 0, 0, 0.0)]
+    log = f"{checkpoint}.segments.jsonl"
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                r = json.loads(line)
+                points.append((r["t_to"], r["events_to"], r["sliding_now"], r["elapsed_s"]))
+    points += [tuple(h) for h in checkpoint_info(checkpoint)["history"]]
+    t, events, sliding, seconds = np.array(sorted(set(points))).T
+    fig, axes = figure(3, 1, width=4.6, height=3.6)
+    ax = axes[0, 0]
+    ax.plot(t, events, ".-", ms=3, label="events")
+    finish(ax, xlabel="flow time t", ylabel="events (crossings, slides, releases)",
+           title="exact path: events, entries sliding", legend=False)
+    twin = ax.twinx()
+    twin.plot(t, sliding, ".-", ms=3, color="C1")
+    twin.set_ylabel("entries sliding", color="C1")
+    ax = axes[0, 1]
+    ax.plot(t, seconds / 3600, ".-", ms=3)
+    finish(ax, xlabel="flow time t", ylabel="hours (summed over runs)",
+           title="exact path: wall time", legend=False)
+    ax = axes[0, 2]
+    times, dist = row.get("save_times_passed", []), row.get("smooth_distance_from_exact_path")
+    if dist:
+        ax.semilogy(times[1:], dist[1:], "o-", label="smooth (rtol 1e-8) vs exact")
+        ax.axhline(row["smooth"]["error_estimate"], color="C1", ls="--",
+                   label="its error estimate (max)")
+    else:
+        ax.text(0.5, 0.5, "no save time passed yet", ha="center", transform=ax.transAxes)
+    finish(ax, xlabel="flow time t", ylabel="relative distance",
+           title="smooth solve's error", logy=bool(dist))
+    fig.suptitle(f"Fig 2 network (200,000 surfaces), exact path to t = {row['t_reached']:.3g}",
+                 fontsize=10)
+    fig.savefig(png, dpi=110)
+
+
 def late(net, loss, t_start, t1, rtol, events):
     """The exact path from the smooth solve's state at `t_start`: entries that the smooth
     solver zig-zags across sit within its error of their surfaces there, so the exact path
@@ -321,6 +363,10 @@ def main():
             parser.error("--steps progress reads the exact solve's --checkpoint FILE")
         rows["progress"] = exact_so_far(net, loss, args.checkpoint, args.exact_t, args.rtol)
         print("exact so far", json.dumps(rows["progress"]), flush=True)
+        if args.out:
+            png = os.path.splitext(args.out)[0] + ".png"
+            plot_progress(rows["progress"], args.checkpoint, png)
+            print("figure:", png)
     rows["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print("peak RSS (GB):", rows["peak_rss_gb"])
     if args.out:
