@@ -631,6 +631,10 @@ class _Checkpoint:
 
     def __init__(self, path, params, loss, t0, t1, ts, solver, controller):
         self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint: the folder of {self.path} does not exist; create "
+                             f"it or pass another path")
         h = hashlib.sha256()
         for leaf in jax.tree.leaves(params) + jax.tree.leaves(eqx.filter(loss, eqx.is_array)):
             a = np.asarray(leaf)

@@ -584,5 +584,7 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
     other = args[:6] + (dfx.PIDController(rtol=1e-11, atol=1e-12),) + args[7:]
     with pytest.raises(ValueError, match=r"^checkpoint: .* different problem.*delete it"):
         kink_flow(*other, checkpoint=path)
+    with pytest.raises(ValueError, match=r"^checkpoint: the folder of .* does not exist"):
+        kink_flow(*args, checkpoint=tmp_path / "missing" / "run.npz")
     with pytest.raises(ValueError, match="`checkpoint` is for the exact-kink path"):
         flowsim.gradient_flow(model, loss, 1.0, kinks="smooth", checkpoint=path)
