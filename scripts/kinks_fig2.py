@@ -32,7 +32,8 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 7. (`progress`, with `--checkpoint`, not in the default steps) the checkpointed exact solve of
    step 3 as far as it has got: events, sliding entries, seconds, layer-gap drift over the
    save times passed, and there the smooth solve's true error (its distance from the exact
-   path) next to its error estimate; with `--out`, a figure of it next to the JSON (.png).
+   path) next to its error estimate, and GD (`--gd-etas`) against it at the last of those
+   times; with `--out`, a figure of it next to the JSON (.png).
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
@@ -173,11 +174,12 @@ def segment_end(path, before, interrupted):
     return row
 
 
-def exact_so_far(net, loss, path, exact_t, rtol):
+def exact_so_far(net, loss, path, exact_t, rtol, etas=()):
     """The checkpointed exact solve as far as it has got: its event counts, seconds and the
     layer-gap drift over the save times it has passed, and the smooth solve's distance from
     it there (its true error, with the exact path as reference) next to the smooth solve's
-    error estimate over the same times."""
+    error estimate over the same times; and gradient descent with the step sizes `etas` at
+    the last of those times (distance from the exact path, fitted order in eta)."""
     info = checkpoint_info(path, states=True)
     ts = np.linspace(0, exact_t, 11)
     passed = np.flatnonzero(info["filled"])
@@ -193,7 +195,22 @@ def exact_so_far(net, loss, path, exact_t, rtol):
                    keep=kept, error_estimate=True, max_steps=50_000)
     e = np.concatenate([x.reshape(x.shape[0], -1) for x in leaves], axis=1)
     s = flat(kept[0])
-    dist = np.linalg.norm(s - e, axis=1) / np.max(np.linalg.norm(e, axis=1))
+    scale = np.max(np.linalg.norm(e, axis=1))
+    dist = np.linalg.norm(s - e, axis=1) / scale
+    # Gradient descent at matched time t = k eta converges to the flow at first order: an
+    # independent check of the exact path through its thousands of events.
+    t_last, gd = float(ts[passed[-1]]), {}
+    for eta in etas:
+        steps = round(t_last / eta)
+        start = time.perf_counter()
+        run = flowsim.gradient_descent(net, loss, steps, learning_rate=eta, save_every=steps)
+        final = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(
+            eqx.filter(run.final_model(), eqx.is_inexact_array))])
+        gd[f"{eta:g}"] = {"steps": steps, "wall_s": time.perf_counter() - start,
+                          "distance_from_exact_path": float(np.linalg.norm(final - e[-1]) / scale)}
+    if len(etas) > 1:
+        off = [gd[f"{eta:g}"]["distance_from_exact_path"] for eta in etas]
+        gd["fitted_order"] = float(np.polyfit(np.log(etas), np.log(off), 1)[0])
     return {
         "t_reached": info["t"], **{k: v for k, v in info["stats"].items()},
         "sliding_now": len(info["sliding"]), "elapsed_s": info["elapsed_s"],
@@ -204,6 +221,7 @@ def exact_so_far(net, loss, path, exact_t, rtol):
                                      np.max(np.abs(gaps - gaps[0]), axis=0) / norms[1:]],
         "smooth": smooth,
         "smooth_distance_from_exact_path": [float(d) for d in dist],
+        "gd_at_last_save_time": {"t": t_last, **gd},
     }
 
 
@@ -287,6 +305,8 @@ def main():
                         help="step 3: keep the exact solve's state in this .npz file and resume "
                              "from it (stop a run with Ctrl-C or SIGINT; each run is logged in "
                              "<checkpoint>.segments.jsonl)")
+    parser.add_argument("--gd-etas", default="2e-3,1e-3,5e-4",
+                        help="step 7: GD step sizes compared with the exact path (empty: none)")
     names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances", "progress")
     parser.add_argument("--steps", default=",".join(names[:-2]),
                         help="which steps to run (late only with --late-start)")
@@ -361,7 +381,9 @@ def main():
     if "progress" in steps:
         if args.checkpoint is None:
             parser.error("--steps progress reads the exact solve's --checkpoint FILE")
-        rows["progress"] = exact_so_far(net, loss, args.checkpoint, args.exact_t, args.rtol)
+        etas = [float(e) for e in args.gd_etas.split(",") if e]
+        rows["progress"] = exact_so_far(net, loss, args.checkpoint, args.exact_t, args.rtol,
+                                        etas)
         print("exact so far", json.dumps(rows["progress"]), flush=True)
         if args.out:
             png = os.path.splitext(args.out)[0] + ".png"
