@@ -212,6 +212,7 @@ def exact_so_far(net, loss, path, exact_t, rtol, etas=()):
         off = [gd[f"{eta:g}"]["distance_from_exact_path"] for eta in etas]
         gd["fitted_order"] = float(np.polyfit(np.log(etas), np.log(off), 1)[0])
     return {
+        "surfaces": int(sum(z.size for z in net.forward(loss.X)[1])),
         "t_reached": info["t"], **{k: v for k, v in info["stats"].items()},
         "sliding_now": len(info["sliding"]), "elapsed_s": info["elapsed_s"],
         "wall_s_per_event": info["elapsed_s"] / max(info["stats"]["num_events"], 1),
@@ -258,12 +259,16 @@ def plot_progress(row, checkpoint, png):
         ax.semilogy(times[1:], dist[1:], "o-", label="smooth (rtol 1e-8) vs exact")
         ax.axhline(row["smooth"]["error_estimate"], color="C1", ls="--",
                    label="its error estimate (max)")
+        gd = row["gd_at_last_save_time"]
+        for i, (eta, r) in enumerate((k, v) for k, v in gd.items() if isinstance(v, dict)):
+            ax.plot([gd["t"]], [r["distance_from_exact_path"]], "s", color=f"C{i + 2}",
+                    label=f"GD, eta = {eta}")
     else:
         ax.text(0.5, 0.5, "no save time passed yet", ha="center", transform=ax.transAxes)
     finish(ax, xlabel="flow time t", ylabel="relative distance",
            title="smooth solve's error", logy=bool(dist))
-    fig.suptitle(f"Fig 2 network (200,000 surfaces), exact path to t = {row['t_reached']:.3g}",
-                 fontsize=10)
+    fig.suptitle(f"Fig 2 network ({row['surfaces']:,} surfaces), exact path to "
+                 f"t = {row['t_reached']:.3g}", fontsize=10)
     fig.savefig(png, dpi=110)
 
 
