@@ -263,6 +263,7 @@ def plot_progress(row, checkpoint, png):
         for i, (eta, r) in enumerate((k, v) for k, v in gd.items() if isinstance(v, dict)):
             ax.plot([gd["t"]], [r["distance_from_exact_path"]], "s", color=f"C{i + 2}",
                     label=f"GD, eta = {eta}")
+        ax.set_xlim(0, 1.05 * times[-1])
     else:
         ax.text(0.5, 0.5, "no save time passed yet", ha="center", transform=ax.transAxes)
     finish(ax, xlabel="flow time t", ylabel="relative distance",
