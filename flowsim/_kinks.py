@@ -355,7 +355,7 @@ class _Problem(eqx.Module):
 
 
 class _Sliding(eqx.Module):
-    """The sliding entries (padded to a power of two; `valid` marks the real ones) and, for a
+    """The sliding entries (padded to `_bucket` entries; `valid` marks the real ones) and, for a
     per-point loss, their data points: `pts` (padded, `pts_valid`), and for each entry its
     point's slot in `pts` and its column in that point's row of pre-activations (`sub`).
     `lam` and `pinv`: the guess for the slopes' chord iterations (`_Problem.slope_guess`)."""
@@ -593,7 +593,29 @@ def _locate(idx, shapes):
 
 
 def _bucket(k: int) -> int:
-    return 0 if k == 0 else 1 << (k - 1).bit_length()
+    """The padded size for k sliding entries (each size compiles once): the next power of two
+    up to 64, then the next multiple of an eighth of the next power of two (80, 96, 112, 128,
+    160, 192, ...): padding stays below a quarter of a large sliding set, where a power of
+    two would pad 65 entries to 128."""
+    if k <= 64:
+        return 0 if k == 0 else 1 << (k - 1).bit_length()
+    step = (1 << (k - 1).bit_length()) // 8
+    return -(-k // step) * step
+
+
+def _repad(lam, pinv, n, k):
+    """A sliding guess (slopes, pseudo-inverse of their Jacobian) for n entries padded to k: as
+    it is if padded so, else (a checkpoint written under another `_bucket`) its n x n block
+    with slopes 0 and the identity on the padding, as `_Problem.sliding` pads them."""
+    if lam.shape[0] == k:
+        return lam, pinv
+    lam_k = np.zeros(k, lam.dtype)
+    lam_k[:n] = lam[:n]
+    if pinv is None:
+        return lam_k, None
+    pinv_k = np.eye(k, dtype=pinv.dtype)
+    pinv_k[:n, :n] = pinv[:n, :n]
+    return lam_k, pinv_k
 
 
 def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events, record=False,
@@ -758,9 +780,9 @@ def _kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_event
         out, filled, elapsed = saved["out"], saved["filled"], saved["elapsed_s"]
         sl = slides(sliding)
         if saved["lam"] is not None:
-            sl = dataclasses.replace(sl, lam=jnp.asarray(saved["lam"]),
-                                     pinv=None if saved["pinv"] is None
-                                     else jnp.asarray(saved["pinv"]))
+            lam, pinv = _repad(saved["lam"], saved["pinv"], len(sliding), sl.idx.shape[0])
+            sl = dataclasses.replace(sl, lam=jnp.asarray(lam),
+                                     pinv=None if pinv is None else jnp.asarray(pinv))
         bar.update(t - float(t0))
         if saved["done"]:
             return out, stats, saved["result"], pieces

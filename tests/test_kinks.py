@@ -588,3 +588,41 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
         kink_flow(*args, checkpoint=tmp_path / "missing" / "run.npz")
     with pytest.raises(ValueError, match="`checkpoint` is for the exact-kink path"):
         flowsim.gradient_flow(model, loss, 1.0, kinks="smooth", checkpoint=path)
+
+
+def test_sliding_bucket_sizes():
+    # Sliding sets are padded to a few sizes (each compiles once): powers of two up to 64,
+    # then multiples of an eighth of the next power of two, padding below a quarter.
+    from flowsim._kinks import _bucket
+
+    sizes = np.array([_bucket(k) for k in range(1, 4097)])
+    ks = np.arange(1, 4097)
+    assert _bucket(0) == 0 and np.all(sizes >= ks) and np.all(np.diff(sizes) >= 0)
+    small = sizes[:64]
+    assert np.all(small & (small - 1) == 0)  # powers of two
+    assert np.all(sizes[64:] < 1.25 * ks[64:])
+    assert len(set(sizes.tolist())) == 7 + 4 * 6  # 1 ... 64, then 4 per doubling to 4096
+
+
+def test_checkpoint_guess_repadded_to_another_bucket():
+    # A checkpoint's sliding guess written under one padding resumes under another: the valid
+    # block of the pseudo-inverse of the masked Jacobian is padding-independent.
+    from flowsim._kinks import _repad
+
+    n = 3
+    J = np.asarray(jr.normal(jr.key(1), (n, n)))
+    lam = np.asarray(jr.uniform(jr.key(2), (n,)))
+
+    def padded(k):
+        Jk = np.eye(k)
+        Jk[:n, :n] = J
+        lam_k = np.zeros(k)
+        lam_k[:n] = lam
+        return lam_k, np.asarray(jnp.linalg.pinv(jnp.asarray(Jk), rtol=1e-12))
+
+    lam8, pinv8 = padded(8)
+    lam4, pinv4 = _repad(lam8, pinv8, n, 4)
+    ref_lam, ref_pinv = padded(4)
+    assert np.array_equal(lam4, ref_lam)
+    assert np.max(np.abs(pinv4 - ref_pinv)) <= 1e-13 * np.max(np.abs(ref_pinv))
+    assert _repad(lam8, pinv8, n, 8)[1] is pinv8 and _repad(lam8, None, n, 4)[1] is None
