@@ -367,10 +367,11 @@ def test_sliding_entry_zero_next_to_padding(per_point):
 def test_sliding_chord_from_guess_equals_newton(per_point):
     # Over a piece the slopes are solved by chord iterations from the piece's start
     # (`slope_guess`: slopes and the Jacobian's pseudo-inverse there), Newton taking over if
-    # they stall. On the bilinear (coupled-layer) system, for moves of theta from a piece's
-    # typical size to ones that change the slopes by O(1) (further on, no real root exists:
-    # Newton from 0 does not converge either), they reach Newton's slopes from 0; with a
-    # useless Jacobian (negated: the chord diverges) Newton restarts from 0 and gives them.
+    # they stall; without a guess, by chord iterations with the Jacobian at slopes 0. On the
+    # bilinear (coupled-layer) system, for moves of theta from a piece's typical size to ones
+    # that change the slopes by O(1) (further on, no real root exists: Newton from 0 does not
+    # converge either), both reach the slopes of plain Newton from 0 (written out here); with
+    # a useless Jacobian (negated: the chord diverges) Newton restarts from 0 and gives them.
     import dataclasses
 
     from flowsim._kinks import _sliding_arrays
@@ -382,9 +383,23 @@ def test_sliding_chord_from_guess_equals_newton(per_point):
     assert float(jnp.max(jnp.abs(guess.lam - solve(params, plain)[1]))) == 0.0
     direction = jax.tree.map(lambda x: jr.normal(jr.key(x.size), x.shape), params)
     bad = dataclasses.replace(guess, pinv=-guess.pinv)
+    k = plain.idx.shape[0]
+    both = plain.valid[:, None] & plain.valid[None, :]
+
+    @eqx.filter_jit
+    def newton_slopes(p):
+        _, _, residual, jac = problem.slope_system(p, mask, plain, rowwise=False)
+
+        def step(_, lam):
+            J = jnp.where(both, jac(lam), jnp.eye(k))
+            return lam - jnp.linalg.lstsq(J, residual(lam))[0]
+        return jax.lax.fori_loop(0, 30, step, jnp.zeros(k))
+
     for size, sl in ((1e-4, guess), (1e-2, guess), (3e-2, guess), (1e-2, bad)):
         moved = jax.tree.map(lambda x, d, size=size: x + size * d, params, direction)
         newton = solve(moved, plain)
+        lam_newton = newton_slopes(moved)
+        assert float(jnp.max(jnp.abs(newton[1] - lam_newton))) <= 1e-12, size
         chord = solve(moved, sl)
         zdot = problem.zdot(moved, chord[0])
         assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * float(
@@ -451,6 +466,11 @@ def test_auto_is_exact_up_to_the_surface_limit():
         ("steep", lambda t: jnp.exp(-50 * t) - 1e-3, 0.0, 1.0, np.log(1e3) / 50, 25),
         # a min over entries, kinked in t (the event function of several pre-activations)
         ("min", lambda t: jnp.minimum(0.7 - t, 1.2 * (0.5 - t) + 0.1), 0.0, 1.0, 7 / 12, 12),
+        # a scaled event function (`_event_weights`): near-linear and concave, secant points
+        # close in from below superlinearly; no bisection while |f| falls a thousandfold a
+        # step (8 evaluations with a bisection on the third step)
+        ("scaled", lambda t: 1 - t / 2.4265e-4 - 1e-5 * (t / 2.4265e-4) ** 2, 0.0, 3.24e-3,
+         (-1 + (1 + 4e-5) ** 0.5) / 2e-5 * 2.4265e-4, 7),
         # a triple root: regula falsi stalls, the bisection safeguard bounds the cost
         ("triple", lambda t: -((t - 0.25) ** 3), 0.0, 1.0, 0.25, 3 * 54),
         # a tiny bracket on an event time far from 0 (rtol matters)
@@ -477,6 +497,61 @@ def test_illinois_event_root_finder(name, f, lower, upper, root, max_evals):
     assert abs(t - root) <= 4 * tol + 4 * np.spacing(root), (name, t - root)
     assert float(f(jnp.asarray(t))) <= 0.0
     assert calls["n"] <= max_evals, (name, calls["n"])
+
+
+def test_event_weights_keep_the_first_root_and_speed_its_location():
+    # The event function is min_j w_j (s_j z_j + offset_j): positive weights keep every
+    # entry's root, so the first root of the min is the first hit; `_event_weights` makes
+    # each term 1 at the piece's start. Unweighted, the entry handled at the last event
+    # (offset 1e-13, moving away) is the min near the start and secant points land next to
+    # it; weighted, the min falls from 1 to 0 nearly linearly. Entries on quadratic paths.
+    import optimistix as optx
+
+    from flowsim._kinks import _ROOT_FINDER, _event_weights
+
+    n = 40
+    k0, k1, k2, k3 = jr.split(jr.key(7), 4)
+    z0 = np.array(jr.uniform(k0, (n,), minval=0.1, maxval=1.0))
+    zd = np.array(jr.uniform(k1, (n,), minval=-1.0, maxval=1.0))
+    zdd = np.asarray(jr.normal(k2, (n,)))
+    sign = np.where(np.asarray(jr.bernoulli(k3, 0.5, (n,))), 1.0, -1.0)
+    z0 *= sign  # every entry on its side
+    offset = np.zeros(n)
+    # entry 0 crossed at the start (z = 0 now on its new side, moving away); entry 1 slides;
+    # entry 2 is the first to hit, at t = 2.4e-4
+    z0[0], zd[0], sign[0], offset[0] = 0.0, 1e-3, 1.0, 1e-13
+    sign[1] = 0.0
+    zd[2] = -sign[2] * abs(z0[2]) / 2.4e-4
+    w = _event_weights(sign, offset, z0)
+    on = sign != 0
+    assert np.all(np.isfinite(w)) and np.all(w > 0) and np.all(w[~on] == 1.0)
+    assert np.max(np.abs(w[on] * (sign[on] * z0[on] + offset[on]) - 1)) <= 4e-16
+
+    def value(weights):
+        def f(t, args):
+            z = z0 + t * zd + 0.5 * t**2 * zdd
+            jax.debug.callback(lambda: calls.__setitem__("n", calls["n"] + 1))
+            return jnp.min(jnp.where(on, weights * (sign * z + offset), jnp.inf))
+        return f
+
+    # The first root: of entry 2's quadratic, the earliest of all entries' (checked).
+    a, b, c = 0.5 * sign[on] * zdd[on], sign[on] * zd[on], sign[on] * z0[on] + offset[on]
+    disc = np.sqrt(np.maximum(b**2 - 4 * a * c, 0.0))
+    q = -0.5 * (b + np.copysign(disc, b))  # the roots without cancellation: q / a, c / q
+    roots_on = np.stack([q / a, c / q])
+    roots = np.full(n, np.inf)
+    roots[on] = np.where((roots_on > 0) & (b**2 >= 4 * a * c), roots_on, np.inf).min(axis=0)
+    first = float(np.min(np.where(on, roots, np.inf)))
+    assert np.argmin(np.where(on, roots, np.inf)) == 2
+    counts = {}
+    for name, weights in (("plain", np.ones(n)), ("weighted", w)):
+        calls = {"n": 0}
+        sol = optx.root_find(value(jnp.asarray(weights)), _ROOT_FINDER, jnp.asarray(3.24e-3),
+                             options=dict(lower=0.0, upper=3.24e-3), throw=False)
+        jax.effects_barrier()
+        assert abs(float(sol.value) - first) <= 4 * (1e-15 + 1e-15 * first), name  # 4 tol
+        counts[name] = calls["n"]
+    assert counts["weighted"] <= 14 and counts["plain"] >= 3 * counts["weighted"], counts
 
 
 @pytest.mark.parametrize("arch", ["mlp", "convnet"])
