@@ -124,27 +124,31 @@ class _Problem(eqx.Module):
         """The pre-activations of data points `pts` on the pattern `mask`, one row per point."""
         return self.rows_at(p, self.row_mask(mask, pts), pts)
 
-    def rows_at(self, p, rowmask, pts):
-        """`rows` with the points' slopes given as rows (`row_mask`)."""
-        _, zs = self.model(p).forward(self.loss.X[pts], self._row_pattern(rowmask))
+    def rows_at(self, p, rowmask, pts, x=None):
+        """`rows` with the points' slopes given as rows (`row_mask`); `x`: inputs to use in
+        place of the points' rows of the data."""
+        x = self.loss.X[pts] if x is None else x
+        _, zs = self.model(p).forward(x, self._row_pattern(rowmask))
         return jnp.concatenate([z.reshape(z.shape[0], -1) for z in zs], axis=1)
 
-    def rows_field(self, p, rowmask, pts, weights):
+    def rows_field(self, p, rowmask, pts, weights, x=None):
         """-grad of sum_i weights_i loss_{pts_i} on the points' slopes `rowmask`: the field's
-        part from points `pts`.
+        part from points `pts` (`x`: inputs in place of their rows of the data).
 
         The loss is the mean of per-point terms (`per_point`), so loss_n is the loss on the
         single row n (scaled by 1 / n_points by the caller's weights).
         """
         n = self.loss.X.shape[0]
+        x = self.loss.X[pts] if x is None else x
 
-        def point_loss(q, i, row):
+        def point_loss(q, i, row, x_i):
             loss = jax.tree.map(lambda a: a[i][None] if jnp.ndim(a) and a.shape[0] == n else a,
                                 self.loss)
+            loss = eqx.tree_at(lambda l: l.X, loss, x_i[None])
             return loss(_Patterned(self.model(q), self._row_pattern(row[None])))
 
         total = lambda q: jnp.sum(weights * jax.vmap(  # noqa: E731
-            lambda i, row: point_loss(q, i, row))(pts, rowmask))
+            lambda i, row, x_i: point_loss(q, i, row, x_i))(pts, rowmask, x))
         return jax.tree.map(jnp.negative, eqx.filter_grad(total)(p))
 
     def sliding(self, p, mask, sl, jacobian=False):
@@ -314,16 +318,18 @@ class _Problem(eqx.Module):
             cols = jnp.where(valid & (slot == s), sub, width)
             return base[s].at[cols].set(lam_, mode="drop")
 
-        def grad_z(s, c):
+        def grad_z(s, c, q, x):
             row = row_of(s, lam)
-            return eqx.filter_grad(lambda q: self.rows_at(q, row[None], pts[s][None])[0, c])(p)
+            return eqx.filter_grad(
+                lambda q_: self.rows_at(q_, row[None], pts[s][None], x[None])[0, c])(q)
 
-        def d_field(s, c, w, x):
+        def d_field(s, c, w, lam_c, q, x):
             row = row_of(s, lam)
 
             def part(x_):
-                return self.rows_field(p, row.at[c].set(x_)[None], pts[s][None], w[None])
-            return jax.jvp(part, (x,), (jnp.ones_like(x),))[1]
+                return self.rows_field(q, row.at[c].set(x_)[None], pts[s][None], w[None],
+                                       x[None])
+            return jax.jvp(part, (lam_c,), (jnp.ones_like(lam_c),))[1]
 
         def d_own_row(s, c):
             def zdot(lam_):
@@ -332,23 +338,33 @@ class _Problem(eqx.Module):
                                (p,), (field,))[1][0, c]
             return jax.grad(zdot)(lam)
 
-        A = jax.tree.leaves(jax.vmap(grad_z)(slot, sub))
-        B = jax.tree.leaves(jax.vmap(d_field)(slot, sub, weights[slot], lam))
+        X = self.loss.X[pts[slot]]
+        if self.dense_first:
+            # The first layer sees only the data: a row of point n depends on W_1 only through
+            # W_1 x_n (x_n with a 1 appended if W_1 holds a bias column), so A_a and B_b
+            # restricted to W_1 are outer products u (x) x_n and <A_a, B_b> there is
+            # (u_a . v_b)(x_a . x_b): O(k^2 (h_1 + d)) flops where the dense product takes
+            # O(k^2 h_1 d), the bulk of k^2 P when the input is wide (90 % of the Fig 2
+            # network's parameters). u and v come straight from each entry's point as a
+            # network with a one-dimensional input 1 and first layer W_1 x_n (a column; its
+            # bias column 0): the h_1 x d outer products are never formed.
+            leaves, treedef = jax.tree.flatten(p)
+            bias = leaves[0].shape[-1] == X.shape[-1] + 1
+            if bias:
+                X = jnp.concatenate([X, jnp.ones_like(X[:, :1])], axis=1)
+            first = X @ leaves[0].T  # (k, h_1)
+            cols = [first[:, :, None]] + ([jnp.zeros_like(first[:, :, None])] if bias else [])
+            Q = jax.tree.unflatten(treedef, [jnp.concatenate(cols, axis=2)] + leaves[1:])
+            q_axes = jax.tree.unflatten(treedef, [0] + [None] * (len(leaves) - 1))
+            inputs = jnp.ones((k, 1), X.dtype)
+        else:
+            Q, q_axes, inputs = p, None, X
+        A = jax.tree.leaves(jax.vmap(grad_z, in_axes=(0, 0, q_axes, 0))(slot, sub, Q, inputs))
+        B = jax.tree.leaves(jax.vmap(d_field, in_axes=(0, 0, 0, 0, q_axes, 0))(
+            slot, sub, weights[slot], lam, Q, inputs))
         cross = 0.0
         if self.dense_first:
-            # The first layer sees only the data: a row of point n depends on W_1 through
-            # W_1 x_n (x_n with a 1 appended if W_1 holds a bias column), so both A_a and B_b
-            # restricted to W_1 are outer products u (x) x_n, and <A_a, B_b> there is
-            # (u_a . v_b)(x_a . x_b): O(k^2 (h_1 + d)) flops instead of O(k^2 h_1 d), the bulk
-            # of k^2 P when the input is wide (90 % of the Fig 2 network's parameters).
-            X = self.loss.X[pts[slot]]
-            if A[0].shape[-1] == X.shape[-1] + 1:
-                X = jnp.concatenate([X, jnp.ones_like(X[:, :1])], axis=1)
-            sq = jnp.sum(X * X, axis=1)
-            inv = jnp.where(sq > 0, 1 / jnp.where(sq > 0, sq, 1), 0.0)[:, None]
-            U = jnp.einsum("khd,kd->kh", A[0], X) * inv
-            V = jnp.einsum("khd,kd->kh", B[0], X) * inv
-            cross = (U @ V.T) * (X @ X.T)
+            cross = (A[0][..., 0] @ B[0][..., 0].T) * (X @ X.T)
             A, B = A[1:], B[1:]
         cross = cross + sum(a.reshape(k, -1) @ b.reshape(k, -1).T for a, b in zip(A, B))
         return cross + jax.vmap(d_own_row)(slot, sub)

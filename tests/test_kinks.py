@@ -410,20 +410,30 @@ def test_sliding_chord_from_guess_equals_newton(per_point):
         assert tree_max_abs_diff(chord[2], newton[2]) <= 1e-12 * scale
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_sliding_jacobian_from_rows_equals_forward_mode(bias):
+@pytest.mark.parametrize("arch", ["mlp", "mlp_bias", "two_layer"])
+def test_sliding_jacobian_from_rows_equals_forward_mode(arch):
     # For a per-point loss the slopes' Jacobian is built from one row per sliding entry
     # (A B^T + D, `_sliding_jacobian`, the first layer's part of A B^T from the outer-product
-    # structure, with the bias column appended to the inputs); it must equal forward-mode
-    # autodiff through the residual. The identity holds at any state and slopes, so it is
-    # checked away from the solution too: five entries (two points with entries in both
-    # layers, two in one layer, point 0 among them, so next to the padding of the bucket of
-    # 8), random slopes.
-    from flowsim._kinks import _sliding_arrays
+    # structure, with the bias column appended to the inputs, u and v from each point as a
+    # network with input 1); it must equal forward-mode autodiff through the residual. The
+    # identity holds at any state and slopes, so it is checked away from the solution too:
+    # five entries (MLP: two points with entries in both layers, two in one layer, point 0
+    # among them, so next to the padding of the bucket of 8), random slopes.
+    from flowsim._kinks import _Problem, _sliding_arrays
 
-    problem, params, mask, _ = _coupled_sliding(bias)
+    if arch == "two_layer":
+        X = jr.normal(jr.key(3), (5, 3))
+        net = TwoLayerReLU(jr.normal(jr.key(4), (4, 3)), jr.normal(jr.key(5), (4,)))
+        loss = flowsim.losses.square(X, jr.normal(jr.key(6), (5,)))
+        params, static = eqx.partition(net, eqx.is_inexact_array)
+        z = net.forward(X)[1][0]
+        problem = _Problem(static, loss, (z.shape,))
+        mask = (z.ravel() > 0).astype(z.dtype)
+        entries = [0, 2, 1 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3]
+    else:
+        problem, params, mask, _ = _coupled_sliding(arch == "mlp_bias")
+        entries = [0, 2, 5 * 4 + 0 * 4 + 1, 5 * 4 + 3 * 4 + 2, 3 * 4 + 1]
     assert problem.dense_first
-    entries = [0, 2, 5 * 4 + 0 * 4 + 1, 5 * 4 + 3 * 4 + 2, 3 * 4 + 1]
     sl = _sliding_arrays(entries, problem.shapes, True)
     assert sl.idx.shape[0] == 8
     _, _, residual, jac = problem.slope_system(params, mask, sl)
