@@ -770,7 +770,7 @@ class _Checkpoint:
                     history=self.history)
         tmp = f"{self.path}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, self.path)
 
 
