@@ -18,7 +18,7 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    smooth solve's own error estimate (`error_estimate=True`). With `--checkpoint FILE` the
    exact solve keeps its state in FILE and resumes from it, so the full horizon can be run
    in pieces: `--exact-t 20 --exact-events 1000000 --checkpoint runs/fig2_exact.npz`, stopped
-   by SIGINT (`timeout -s INT 3h ...`) and restarted at will; the wall time is summed over
+   by SIGINT or SIGTERM (`timeout 3h ...`) and restarted at will; the wall time is summed over
    the runs;
 4. (`--late-start T`) the exact path late in the flow: started from the smooth solve's state
    at T for `--late-events` events, which shows how many entries slide at once there and
@@ -46,6 +46,7 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
 import json
 import os
 import resource
+import signal
 import subprocess
 import time
 
@@ -309,14 +310,19 @@ def main():
                         help="events the late exact path is run for (step 4)")
     parser.add_argument("--checkpoint", default=None,
                         help="step 3: keep the exact solve's state in this .npz file and resume "
-                             "from it (stop a run with Ctrl-C or SIGINT; each run is logged in "
-                             "<checkpoint>.segments.jsonl)")
+                             "from it (stop a run with Ctrl-C, SIGINT or SIGTERM; each run is "
+                             "logged in <checkpoint>.segments.jsonl)")
     parser.add_argument("--gd-etas", default="2e-3,1e-3,5e-4",
                         help="step 7: GD step sizes compared with the exact path (empty: none)")
     names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances", "progress")
     parser.add_argument("--steps", default=",".join(names[:-2]),
                         help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
+    if args.checkpoint is not None:
+        # Stop the checkpointed solve with SIGINT or SIGTERM, also when started in the
+        # background of a non-interactive shell (which starts it with SIGINT ignored).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
     steps = set(args.steps.split(","))
     unknown = steps - set(names)
     if unknown:
