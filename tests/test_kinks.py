@@ -170,6 +170,59 @@ def test_neuron_invariants_through_crossings_and_sliding(name, solutions):
     assert rel <= 1e-10, rel
 
 
+@pytest.mark.parametrize("arch", ["two_layer", "mlp", "mlp_bias"])
+def test_field_and_pre_from_first_layer_equal_full_pass(arch):
+    # With the first layer's pre-activations z1 = X W_1^T given (carried in a piece's state),
+    # `pre` evaluates the later layers only and `field` gets W_1's gradient as G^T X: the same
+    # numbers as the full pass, to rounding (here exactly equal is not required: 1e-14
+    # relative).
+    from flowsim._kinks import _Problem
+
+    k1, k2, k3 = jr.split(jr.key(11), 3)
+    X = jr.normal(k1, (7, 3))
+    if arch == "two_layer":
+        net, Y = TwoLayerReLU.random(3, 5, key=k3), jr.normal(k2, (7,))
+    else:
+        net, Y = MLP((3, 5, 4, 2), "relu", use_bias=arch == "mlp_bias", key=k3), \
+            jr.normal(k2, (7, 2))
+    loss = flowsim.losses.square(X, Y)
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    zs = net.forward(X)[1]
+    problem = _Problem(static, loss, tuple(z.shape for z in zs))
+    z = jnp.concatenate([v.ravel() for v in zs])
+    # Slopes in between too, as on sliding entries.
+    mask = (z > 0).astype(z.dtype).at[jnp.array([2, z.size - 3])].set(jnp.array([0.3, 0.7]))
+    z1 = problem.first(params)
+    assert float(jnp.max(jnp.abs(z1 - zs[0]))) <= 1e-14 * float(jnp.max(jnp.abs(zs[0])))
+    full, short = problem.pre(params, mask), problem.pre(params, mask, z1)
+    assert float(jnp.max(jnp.abs(full - short))) <= 1e-14 * float(jnp.max(jnp.abs(full)))
+    full, short = problem.field(params, mask), problem.field(params, mask, z1)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(full))
+    assert tree_max_abs_diff(full, short) <= 1e-14 * scale
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_carried_first_layer_changes_no_event(name, solutions, monkeypatch):
+    # The fixture's solves carry the first layer's pre-activations in each piece's state (the
+    # event function reads them off; `_WithFirst`); without, every event evaluation takes a
+    # product with the data. The steps (the controller's norm sees the parameters only), the
+    # events and the states agree, to rounding.
+    from flowsim import _kinks
+
+    (model, loss), (out, stats, _, _, _) = solutions[name]
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    problem = _kinks._Problem(static, loss, tuple(z.shape for z in model.forward(loss.X)[1]))
+    assert _kinks._carries_first(problem, dfx.Tsit5(), dfx.PIDController(rtol=1e-12, atol=1e-12))
+    monkeypatch.setattr(_kinks, "_FIRST_STATE", False)
+    assert not _kinks._carries_first(problem, dfx.Tsit5(),
+                                     dfx.PIDController(rtol=1e-12, atol=1e-12))
+    plain, plain_stats, result, _, _ = _solve(model, loss, record=False)
+    assert result == 0 and plain_stats == stats, (plain_stats, stats)
+    # Measured: 4e-15 to 2e-14 (states of size ~1).
+    assert max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(out), jax.tree.leaves(plain))) <= 1e-12
+
+
 def test_smooth_solver_stalls_where_exact_succeeds():
     model, loss = _two_neurons(7)
     with pytest.warns(flowsim.FlowWarning, match="maximum number of solver steps"):
@@ -325,7 +378,7 @@ def test_separate_event_conditions_match_their_minimum(monkeypatch):
     monkeypatch.setattr(_kinks, "_piece", counting)
     out, stats, result, _ = run()
     assert result == 0 and stats["num_releases"] >= 1 and any(combined), stats
-    monkeypatch.setattr(_kinks, "_piece", lambda *a, **k: piece(*a, combined=True))
+    monkeypatch.setattr(_kinks, "_piece", lambda *a, **k: piece(*a, **{**k, "combined": True}))
     out_min, stats_min, _, _ = run()
     for key in ("num_events", "num_crossings", "num_sliding_intervals", "num_releases"):
         assert stats[key] == stats_min[key], (key, stats, stats_min)
