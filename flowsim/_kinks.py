@@ -556,8 +556,15 @@ def _total(f):
 
 
 # Event times to ~ 4 ulp of t: well below the smooth pieces' tolerance.
-# Pieces carry the first layer's pre-activations in their state where they can (`_WithFirst`).
+# Pieces carry the first layer's pre-activations in their state where they can (`_WithFirst`)
+# and the inputs are at least this wide. The products with the data that it saves must
+# outweigh a larger state and a graph that takes longer to compile. On the Fig 2 problem
+# (`scripts/kinks_fig2.py --steps carry`): at 1,000 inputs 10 % less time per event, which
+# repays the extra compilation (7 s) after ~200 events. For 150 events that included new
+# sliding-set sizes (hence compilations) it took 1.16x, 1.66x and 1.65x as long at 100, 300
+# and 30 inputs.
 _FIRST_STATE = True
+_FIRST_STATE_MIN_INPUTS = 512
 _ROOT_FINDER = Illinois(rtol=1e-15, atol=1e-15)
 
 
@@ -627,8 +634,10 @@ def _carries_first(problem, solver, controller) -> bool:
     """Whether a piece carries the first layer's pre-activations in its state (`_WithFirst`):
     for a dense first layer, a per-point loss (whose inputs can be swapped for them), an
     explicit Runge-Kutta solver (an implicit one would solve for them too) and a controller
-    whose norm can be restricted to the parameters."""
+    whose norm can be restricted to the parameters, when the inputs are wide enough for it to
+    pay (`_FIRST_STATE_MIN_INPUTS`)."""
     return (_FIRST_STATE and problem.dense_first and _per_point(problem.loss)
+            and problem.loss.X.shape[-1] >= _FIRST_STATE_MIN_INPUTS
             and isinstance(solver, dfx.AbstractERK)
             and isinstance(controller, dfx.PIDController | dfx.ConstantStepSize))
 

@@ -34,20 +34,29 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    save times passed, and there the smooth solve's true error (its distance from the exact
    path) next to its error estimate, and GD (`--gd-etas`) against it at the last of those
    times; with `--out`, a figure of it next to the JSON (.png).
+8. (`carry`, with `--checkpoint`, not in the default steps) what carrying the first layer's
+   pre-activations in the pieces' state saves (docs/kinks.md, Cost): from a copy of the
+   checkpoint, `--carry-events` events after 30 of warm-up, with and without, in one process;
+   both must reach the same time with the same events before the times are compared. The
+   checkpoint itself is not touched.
 
     python scripts/kinks_fig2.py [--t1 20] [--rtol 1e-8] [--n 1000] [--saves 2001]
                                  [--exact-events 100] [--exact-t 0.02]
                                  [--checkpoint FILE]
                                  [--late-start 19.5] [--late-events 100]
-                                 [--steps smooth,pattern,exact,late,estimate,tolerances,progress]
+                                 [--carry-events 200]
+                                 [--steps smooth,pattern,exact,late,estimate,tolerances,progress,
+                                          carry]
                                  [--out results.json]
 """
 
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import _fig2
@@ -58,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flowsim
-from flowsim import invariants as inv
+from flowsim import _kinks, invariants as inv
 from flowsim._kinks import checkpoint_info
 
 
@@ -296,6 +305,50 @@ def late(net, loss, t_start, t1, rtol, events):
             "flow_time_covered": row["t_reached"] - t_start}
 
 
+def carried_first_layer(net, loss, path, t1, exact_t, rtol, events, warmup=30):
+    """Seconds per event from a copy of the checkpoint `path`, with the first layer's
+    pre-activations carried in the pieces' state (at any input width) and without
+    (`_kinks._FIRST_STATE`, `_FIRST_STATE_MIN_INPUTS`): `warmup`
+    events (compilation), then `events` timed; both must end at the same time and events.
+    `t1`, `exact_t`: those of the solve that wrote the checkpoint (step 3)."""
+    rows = {}
+    minimum = _kinks._FIRST_STATE_MIN_INPUTS
+    with tempfile.TemporaryDirectory() as folder:
+        for carry in (True, False):
+            copy = os.path.join(folder, f"carry_{carry}.npz")
+            shutil.copy(path, copy)
+            _kinks._FIRST_STATE = carry
+            _kinks._FIRST_STATE_MIN_INPUTS = 0
+            row = {}
+            try:
+                for name, n in (("warmup", warmup), ("timed", events)):
+                    before = checkpoint_info(copy)
+                    start = time.perf_counter()
+                    flowsim.gradient_flow(net, loss, t1, ts=jnp.linspace(0, exact_t, 11),
+                                          solver="tsit5", rtol=rtol, atol=rtol, kinks="exact",
+                                          throw=False, max_steps=50_000,
+                                          max_events=before["stats"]["num_events"] + n,
+                                          checkpoint=copy)
+                    wall = time.perf_counter() - start
+                    after = checkpoint_info(copy)
+                    done = after["stats"]["num_events"] - before["stats"]["num_events"]
+                    row[name] = {"wall_s": wall, "events": done, "t_from": before["t"],
+                                 "t_to": after["t"], "sliding_now": len(after["sliding"]),
+                                 "stats": after["stats"], "wall_s_per_event": wall / max(done, 1)}
+            finally:
+                _kinks._FIRST_STATE, _kinks._FIRST_STATE_MIN_INPUTS = True, minimum
+            rows["carried" if carry else "plain"] = row
+            print("carry" if carry else "plain", json.dumps(row["timed"]), flush=True)
+    a, b = rows["carried"]["timed"], rows["plain"]["timed"]
+    if a["stats"] != b["stats"] or abs(a["t_to"] - b["t_to"]) > 1e-9 * max(1.0, b["t_to"]):
+        raise RuntimeError(f"with and without the carried pre-activations the solves differ: "
+                           f"t = {a['t_to']!r} against {b['t_to']!r}, {a['stats']} against "
+                           f"{b['stats']}")
+    rows["t_difference"] = abs(a["t_to"] - b["t_to"])
+    rows["time_ratio_carried_to_plain"] = a["wall_s"] / b["wall_s"]
+    return rows
+
+
 def main():
     parser = _fig2.parser(__doc__)
     parser.add_argument("--saves", type=int, default=2001,
@@ -314,8 +367,10 @@ def main():
                              "logged in <checkpoint>.segments.jsonl)")
     parser.add_argument("--gd-etas", default="2e-3,1e-3,5e-4",
                         help="step 7: GD step sizes compared with the exact path (empty: none)")
-    names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances", "progress")
-    parser.add_argument("--steps", default=",".join(names[:-2]),
+    parser.add_argument("--carry-events", type=int, default=200,
+                        help="step 8: events timed with and without the carried pre-activations")
+    names = ("smooth", "pattern", "exact", "late", "estimate", "tolerances", "progress", "carry")
+    parser.add_argument("--steps", default=",".join(names[:-3]),
                         help="which steps to run (late only with --late-start)")
     args = parser.parse_args()
     if args.checkpoint is not None:
@@ -401,6 +456,14 @@ def main():
             png = os.path.splitext(args.out)[0] + ".png"
             plot_progress(rows["progress"], args.checkpoint, png)
             print("figure:", png)
+    if "carry" in steps:
+        if args.checkpoint is None:
+            parser.error("--steps carry starts from the exact solve's --checkpoint FILE")
+        rows["carry"] = carried_first_layer(net, loss, args.checkpoint, args.t1, args.exact_t,
+                                            args.rtol, args.carry_events)
+        print("carried first layer", json.dumps(
+            {k: rows["carry"][k] for k in ("t_difference", "time_ratio_carried_to_plain")}),
+            flush=True)
     rows["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print("peak RSS (GB):", rows["peak_rss_gb"])
     if args.out:

@@ -203,24 +203,26 @@ def test_field_and_pre_from_first_layer_equal_full_pass(arch):
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_carried_first_layer_changes_no_event(name, solutions, monkeypatch):
-    # The fixture's solves carry the first layer's pre-activations in each piece's state (the
-    # event function reads them off; `_WithFirst`); without, every event evaluation takes a
-    # product with the data. The steps (the controller's norm sees the parameters only), the
-    # events and the states agree, to rounding.
+    # Wide inputs (`_FIRST_STATE_MIN_INPUTS`; here any width) make each piece carry the first
+    # layer's pre-activations in its state (the event function reads them off; `_WithFirst`);
+    # the fixture's solves, on two inputs, take a product with the data at every event
+    # evaluation. The steps (the controller's norm sees the parameters only), the events and
+    # the states agree, to rounding.
     from flowsim import _kinks
 
     (model, loss), (out, stats, _, _, _) = solutions[name]
     params, static = eqx.partition(model, eqx.is_inexact_array)
     problem = _kinks._Problem(static, loss, tuple(z.shape for z in model.forward(loss.X)[1]))
-    assert _kinks._carries_first(problem, dfx.Tsit5(), dfx.PIDController(rtol=1e-12, atol=1e-12))
-    monkeypatch.setattr(_kinks, "_FIRST_STATE", False)
-    assert not _kinks._carries_first(problem, dfx.Tsit5(),
-                                     dfx.PIDController(rtol=1e-12, atol=1e-12))
-    plain, plain_stats, result, _, _ = _solve(model, loss, record=False)
-    assert result == 0 and plain_stats == stats, (plain_stats, stats)
+    controller = dfx.PIDController(rtol=1e-12, atol=1e-12)
+    assert not _kinks._carries_first(problem, dfx.Tsit5(), controller)
+    monkeypatch.setattr(_kinks, "_FIRST_STATE_MIN_INPUTS", 0)
+    assert _kinks._carries_first(problem, dfx.Tsit5(), controller)
+    assert not _kinks._carries_first(problem, dfx.Kvaerno5(), controller)  # implicit
+    carried, carried_stats, result, _, _ = _solve(model, loss, record=False)
+    assert result == 0 and carried_stats == stats, (carried_stats, stats)
     # Measured: 4e-15 to 2e-14 (states of size ~1).
     assert max(float(np.max(np.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(out), jax.tree.leaves(plain))) <= 1e-12
+               zip(jax.tree.leaves(out), jax.tree.leaves(carried))) <= 1e-12
 
 
 def test_smooth_solver_stalls_where_exact_succeeds():
