@@ -70,8 +70,25 @@ def supports_kinks(model, loss) -> bool:
 _LSTSQ_RCOND = 1e-12
 
 
+# `_inverse` takes the LU inverse X of J when |J X - I| stays below this (entrywise).
+_INVERSE_CHECK = 1e-8
+
+
+def _inverse(J):
+    """J^-1 from an LU factorisation where that is accurate (|J X - I| <= `_INVERSE_CHECK`,
+    i.e. J is not near singular), else the pseudo-inverse with rcond `_LSTSQ_RCOND`: the same
+    matrix where J is well conditioned, 3-4x cheaper (k = 896 sliding entries: ~0.1 s
+    against 0.35 s for the SVD). A singular J (more entries sliding than a unit has inputs)
+    takes the pseudo-inverse, whose least-squares slopes give the unique vector field."""
+    eye = jnp.eye(J.shape[0], dtype=J.dtype)
+    inv = jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(J), eye)
+    accurate = jnp.all(jnp.isfinite(inv)) & (jnp.max(jnp.abs(J @ inv - eye)) <= _INVERSE_CHECK)
+    return jax.lax.cond(accurate, lambda: inv, lambda: jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND))
+
+
 def _lstsq(A, b):
-    return jnp.linalg.lstsq(A, b, rcond=_LSTSQ_RCOND)[0]
+    """The least-squares solution of A x = b (`_inverse(A) @ b`)."""
+    return _inverse(A) @ b
 
 
 class _Problem(eqx.Module):
@@ -248,7 +265,7 @@ class _Problem(eqx.Module):
             # not depend on them: one Jacobian in all, where Newton took a second to confirm.
             start = zeros if sl.lam is None else jnp.where(valid, sl.lam, 0.0)
             J_start = masked(jac(start))
-            pinv = jnp.linalg.pinv(J_start, rtol=_LSTSQ_RCOND)
+            pinv = _inverse(J_start)
         else:
             start, pinv = jnp.where(valid, sl.lam, 0.0), sl.pinv
         # Where Newton restarts if a chord step fails: the start without a guess, else 0 (the
@@ -291,10 +308,10 @@ class _Problem(eqx.Module):
             # the last piece's guess, theta has moved) a fresh one.
             if sl.pinv is None:
                 return lam, jax.lax.cond(newton_ran,
-                                         lambda: jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND),
+                                         lambda: _inverse(J),
                                          lambda: pinv)
             J = jax.lax.cond(newton_ran, lambda: J, lambda: masked(jac(lam)))
-            return lam, jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND)
+            return lam, _inverse(J)
         return with_slopes(lam), lam, field_at(lam)
 
     def slope_system(self, p, mask, sl, rowwise=True, z1=None):

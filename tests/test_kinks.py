@@ -225,6 +225,23 @@ def test_carried_first_layer_changes_no_event(name, solutions, monkeypatch):
                zip(jax.tree.leaves(out), jax.tree.leaves(carried))) <= 1e-12
 
 
+def test_inverse_by_lu_falls_back_to_pseudo_inverse():
+    # The sliding slopes' Jacobian is inverted by LU where that is accurate, by the
+    # pseudo-inverse where J is singular (more entries sliding than a unit has inputs).
+    from flowsim._kinks import _LSTSQ_RCOND, _inverse
+
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((40, 40))
+    X = np.asarray(_inverse(jnp.asarray(J)))
+    assert np.max(np.abs(X - np.linalg.inv(J))) <= 1e-12 * np.max(np.abs(X))
+    # Rank 39: the LU inverse would be ~1e15 large; the fallback gives the pseudo-inverse.
+    S = rng.standard_normal((40, 39)) @ rng.standard_normal((39, 40))
+    X = np.asarray(_inverse(jnp.asarray(S)))
+    P = np.linalg.pinv(S, rcond=_LSTSQ_RCOND)
+    assert np.max(np.abs(X - P)) <= 1e-10 * np.max(np.abs(P))
+    assert np.max(np.abs(S @ X @ S - S)) <= 1e-10 * np.max(np.abs(S))
+
+
 def test_smooth_solver_stalls_where_exact_succeeds():
     model, loss = _two_neurons(7)
     with pytest.warns(flowsim.FlowWarning, match="maximum number of solver steps"):
