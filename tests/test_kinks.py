@@ -435,19 +435,23 @@ def test_sliding_entry_zero_next_to_padding(per_point):
         jnp.max(jnp.abs(zdot))), (lam, zdot[jnp.array(sliding)])
 
 
-@pytest.mark.parametrize("per_point", [True, False])
-def test_sliding_chord_from_guess_equals_newton(per_point):
+@pytest.mark.parametrize("per_point, rowwise_min", [(True, 16), (True, 0), (False, 16)])
+def test_sliding_chord_from_guess_equals_newton(per_point, rowwise_min, monkeypatch):
     # Over a piece the slopes are solved by chord iterations from the piece's start
     # (`slope_guess`: slopes and the Jacobian's pseudo-inverse there), Newton taking over if
     # they stall; without a guess, by chord iterations with the Jacobian at slopes 0. On the
     # bilinear (coupled-layer) system, for moves of theta from a piece's typical size to ones
     # that change the slopes by O(1) (further on, no real root exists: Newton from 0 does not
     # converge either), both reach the slopes of plain Newton from 0 (written out here); with
-    # a useless Jacobian (negated: the chord diverges) Newton restarts from 0 and gives them.
+    # a useless Jacobian (negated: the chord diverges) Newton restarts from 0 and gives them,
+    # with the forward-mode Jacobian or (`rowwise_min` 0, as with many entries sliding) the
+    # row-wise one.
     import dataclasses
 
+    from flowsim import _kinks
     from flowsim._kinks import _sliding_arrays
 
+    monkeypatch.setattr(_kinks, "_ROWWISE_MIN", rowwise_min)
     problem, params, mask, sliding = _coupled_sliding()
     solve = eqx.filter_jit(lambda p, sl: problem.sliding(p, mask, sl))
     plain = _sliding_arrays(sliding, problem.shapes, per_point)
