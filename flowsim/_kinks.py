@@ -831,6 +831,21 @@ def kink_flow(model, loss, t0, t1, ts, solver, controller, max_steps, max_events
 CHECKPOINT_SECONDS = 60.0
 
 
+def fingerprint(params, loss, t0, t1, ts, solver, controller) -> str:
+    """A hash of what determines an exact solve's solution: initial parameters, data, times,
+    solver, tolerances (a checkpoint from another problem is refused by it)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params) + jax.tree.leaves(eqx.filter(loss, eqx.is_array)):
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(np.asarray(ts, np.float64).tobytes())
+    h.update(repr((float(t0), float(t1), type(solver).__name__, type(controller).__name__,
+                   float(getattr(controller, "rtol", 0.0)),
+                   float(getattr(controller, "atol", 0.0)))).encode())
+    return h.hexdigest()
+
+
 class _Checkpoint:
     """The state of a piecewise solve at a piece start, in an .npz file: time, parameters,
     activation mask, event signs and offsets, sliding entries and their slope guess, first step,
@@ -846,16 +861,7 @@ class _Checkpoint:
         if not os.path.isdir(folder):
             raise ValueError(f"checkpoint: the folder of {self.path} does not exist; create "
                              f"it or pass another path")
-        h = hashlib.sha256()
-        for leaf in jax.tree.leaves(params) + jax.tree.leaves(eqx.filter(loss, eqx.is_array)):
-            a = np.asarray(leaf)
-            h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-        h.update(np.asarray(ts, np.float64).tobytes())
-        h.update(repr((float(t0), float(t1), type(solver).__name__, type(controller).__name__,
-                       float(getattr(controller, "rtol", 0.0)),
-                       float(getattr(controller, "atol", 0.0)))).encode())
-        self.fingerprint = h.hexdigest()
+        self.fingerprint = fingerprint(params, loss, t0, t1, ts, solver, controller)
         self.treedef = jax.tree.structure(params)
         self.last_save = time.perf_counter()
         self.history = []

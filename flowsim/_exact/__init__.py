@@ -1,0 +1,1 @@
+"""The exact ReLU flow as one compiled program (see `driver`)."""

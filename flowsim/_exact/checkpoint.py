@@ -1,0 +1,111 @@
+"""An exact solve's loop state on disk (.npz), so that a solve of hours survives interruptions.
+
+The file holds every leaf of the loop's state (`ExactState`, batched or not) at an iteration
+boundary, with a fingerprint of the problem, the sliding capacity and the record length it was
+written at, the seconds spent, and one history row per write. A solve resumed from it goes on
+bitwise as if never stopped: the loop's iterations depend on nothing but the state.
+"""
+
+import json
+import os
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._kinks import fingerprint
+from .state import MAX_EVENTS
+
+# A chunked solve writes its checkpoint after the first call that ends this long after the
+# last write, and when it stops.
+CHECKPOINT_SECONDS = 60.0
+
+
+def _meta(path):
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["meta"])), {k: f[k] for k in f.files if k != "meta"}
+
+
+class Checkpoint:
+    """The checkpoint file of one solve (see the module docstring)."""
+
+    def __init__(self, path, params, loss, t0, t1, ts, solver, controller):
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint: the folder of {self.path} does not exist; create "
+                             f"it or pass another path")
+        self.fingerprint = fingerprint(params, loss, t0, t1, ts, solver, controller)
+        self.last_save = time.perf_counter()
+        self.history: list = []
+        self.elapsed = 0.0
+
+    def load(self, like, records):
+        """The saved state, or None without a file. `like(capacity, records)`: the state's
+        shapes at a capacity. A trajectory that failed (event budget, step budget) is reopened
+        where it stopped, so that a rerun with a larger budget carries on; the event record
+        is cut or padded to `records` rows."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            meta, data = _meta(self.path)
+            capacity, saved_records = int(meta["capacity"]), int(meta["records"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint: {self.path} is not a flowsim checkpoint of the "
+                             f"exact path ({e}); delete it or pass another path") from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"checkpoint: {self.path} holds the solve of a different problem "
+                             f"(model, data, times, solver or tolerances differ); delete it or "
+                             f"pass another path")
+        shapes = like(capacity, saved_records)
+        leaves, treedef = jax.tree.flatten(shapes)
+        state = jax.tree.unflatten(
+            treedef, [jnp.asarray(data[f"a{i}"], leaf.dtype) for i, leaf in enumerate(leaves)])
+        self.history = meta.get("history", [])
+        self.elapsed = float(meta.get("elapsed_s", 0.0))
+        if saved_records != records:
+            def fit(a, fill=0):
+                if records <= a.shape[-1]:
+                    return a[..., :records]
+                pad = [(0, 0)] * (a.ndim - 1) + [(0, records - a.shape[-1])]
+                return jnp.pad(a, pad, constant_values=fill)
+            state = eqx.tree_at(lambda q: (q.ev_t, q.ev_kind, q.ev_entry), state,
+                                (fit(state.ev_t), fit(state.ev_kind), fit(state.ev_entry)))
+        failed = state.done & (state.result != 0)
+        return eqx.tree_at(lambda q: (q.done, q.pending, q.result), state,
+                           (state.done & ~failed,
+                            state.pending | (failed & (state.result == MAX_EVENTS)),
+                            jnp.where(failed, 0, state.result)))
+
+    def save(self, state, started, force=False):
+        """Writes `state` (atomically) if forced or `CHECKPOINT_SECONDS` have passed."""
+        now = time.perf_counter()
+        if not force and now - self.last_save < CHECKPOINT_SECONDS:
+            return
+        self.last_save = now
+        leaves = jax.device_get(jax.tree.leaves(state))
+        elapsed = self.elapsed + now - started
+        self.history.append([float(np.min(leaves[0])), int(np.max(state.stats["num_events"])),
+                             int(np.max(state.n)), elapsed])
+        meta = {"fingerprint": self.fingerprint, "capacity": state.capacity,
+                "records": int(state.ev_t.shape[-1]), "elapsed_s": elapsed,
+                "done": bool(np.all(state.done)), "history": self.history}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)),
+                                **{f"a{i}": np.asarray(x) for i, x in enumerate(leaves)})
+        os.replace(tmp, self.path)
+
+
+def checkpoint_info(path) -> dict:
+    """What an exact solve's checkpoint holds: `t` reached (the least over a batch),
+    `num_events`, `sliding` (entries sliding now, the most over a batch), `elapsed_s`, `done`,
+    `capacity`, and `history`, one row [t, events, entries sliding, seconds] per write."""
+    meta, _ = _meta(os.fspath(path))
+    history = meta.get("history", [])
+    last = history[-1] if history else [float("nan"), 0, 0, 0.0]
+    return {"t": last[0], "num_events": last[1], "sliding": last[2],
+            "elapsed_s": meta.get("elapsed_s", 0.0), "done": meta.get("done", False),
+            "capacity": meta.get("capacity"), "history": history}

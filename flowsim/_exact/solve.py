@@ -1,0 +1,141 @@
+"""The exact flow of one trajectory or a batch: builds the loop's state, calls the compiled
+loop (`driver.run`) until every trajectory is done, growing the sliding capacity when a
+trajectory needs it, and, for progress bars and checkpoints, in chunks of events."""
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from .._kinks import _FIRST_STEP, _carries_first, _per_point, _Problem
+from . import driver
+from .checkpoint import CHECKPOINT_SECONDS, Checkpoint
+from .state import KIND_NAMES, Layout, initial_state, next_capacity, repad
+
+# The first chunk of events per compiled call when a progress bar or a checkpoint needs the
+# host between events; chunks double while a call takes less than `_CHUNK_SECONDS`.
+_FIRST_CHUNK = 16
+_CHUNK_SECONDS = 2.0
+_NO_STOP = np.iinfo(np.int32).max
+
+
+class Events(eqx.Module):
+    """The events of an exact solve: one row per entry that crossed its surface, started
+    sliding along it, or was released from it, in the order they happened.
+
+    **Fields** (shape `(records,)`, or `(batch, records)`, padded where `valid` is False):
+
+    - `t`: the event's time;
+    - `kind`: 1 crossing, 2 slide (a sliding interval starts), 3 release (`KINDS`);
+    - `layer`, `unit`, `point`: the hidden layer (from 0), its unit and the data point of the
+      pre-activation entry;
+    - `valid`: rows that hold an event.
+    """
+
+    t: jax.Array
+    kind: jax.Array
+    layer: jax.Array
+    unit: jax.Array
+    point: jax.Array
+    valid: jax.Array
+
+    KINDS = KIND_NAMES
+
+    def names(self) -> list:
+        """The kinds as names ('crossing', 'slide', 'release'), valid rows of one trajectory."""
+        kind = np.asarray(self.kind)
+        if kind.ndim != 1:
+            raise TypeError("select a trajectory first: traj[i].events.names()")
+        return [KIND_NAMES[int(k)] for k in kind[np.asarray(self.valid)]]
+
+
+def _events(state, layout) -> Events:
+    kind = np.asarray(state.ev_kind)
+    entry = np.asarray(state.ev_entry).astype(np.int64)
+    layer, point, unit, _ = layout.locate(entry)
+    valid = kind > 0
+    return Events(t=jnp.asarray(state.ev_t), kind=jnp.asarray(kind),
+                  layer=jnp.asarray(np.where(valid, layer, -1)),
+                  unit=jnp.asarray(np.where(valid, unit, -1)),
+                  point=jnp.asarray(np.where(valid, point, -1)), valid=jnp.asarray(valid))
+
+
+def exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps, max_events,
+               batched, *, progress=False, checkpoint=None, capacity=0):
+    """Exact flow of `params` (a batch with `batched`). Returns `(saved, stats, result,
+    events)`: the parameters at `ts`, a dict of per-trajectory statistics, the result codes,
+    and the event record (`Events`). `capacity`: the first sliding capacity (grows by
+    doubling)."""
+    started = time.perf_counter()
+    one = jax.tree.map(lambda x: x[0], params) if batched else params
+    zs = eqx.combine(one, static).forward(loss.X)[1]
+    shapes = tuple(z.shape for z in zs)
+    problem = _Problem(static, loss, shapes)
+    layout = Layout.of(shapes)
+    ctx = driver._Context(problem, layout, _per_point(loss),
+                          _carries_first(problem, solver, controller))
+    dtype = zs[0].dtype
+    ts = jnp.asarray(ts, dtype)
+    t1_j = jnp.asarray(t1, dtype)
+    records = int(max_events)
+    dt0 = _FIRST_STEP * (float(t1) - float(t0))
+
+    def start(p, capacity, records):
+        z = jnp.concatenate([v.ravel() for v in eqx.combine(p, static).forward(loss.X)[1]])
+        return initial_state(p, z, ts, t0, dt0, capacity, records)
+
+    def make(p, capacity, records):
+        if batched:
+            return jax.vmap(start, in_axes=(0, None, None))(p, capacity, records)
+        return start(p, capacity, records)
+
+    ckpt = state = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, params, loss, t0, t1, ts, solver, controller)
+        state = ckpt.load(lambda k, r: jax.eval_shape(lambda p: make(p, k, r), params), records)
+    if state is None:
+        state = jax.jit(make, static_argnums=(1, 2))(params, capacity, records)
+    chunked = progress or ckpt is not None
+    chunk = _FIRST_CHUNK
+    lanes = jax.tree.leaves(params)[0].shape[0] if batched else None
+    span = float(t1) - float(t0)
+    with tqdm.tqdm(total=span, disable=not progress, unit="t", desc="exact kinks",
+                   leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| t={n:.4g}/"
+                                           "{total:.4g} [{elapsed}<{remaining}{postfix}]") as bar:
+        while not bool(jnp.all(state.done)):
+            if chunked:
+                stop_at = state.stats["num_events"] + chunk
+            else:
+                stop_at = jnp.full(() if lanes is None else (lanes,), _NO_STOP, jnp.int32)
+            tic = time.perf_counter()
+            try:
+                state = driver.run(ctx, state, ts, t1_j, jnp.asarray(max_events, jnp.int32),
+                                   stop_at.astype(jnp.int32), solver, controller, max_steps,
+                                   batched)
+                jax.block_until_ready(state)
+            except KeyboardInterrupt:
+                if ckpt is not None:
+                    ckpt.save(state, started, force=True)
+                raise
+            if chunked and time.perf_counter() - tic < _CHUNK_SECONDS:
+                chunk *= 2
+            if bool(jnp.any(state.grow)):
+                state = repad(state, next_capacity(state.capacity))
+            if progress:
+                t_now = float(jnp.min(jnp.where(state.done, t1_j, state.t)))
+                bar.update(t_now - float(t0) - bar.n)
+                bar.set_postfix(events=int(jnp.max(state.stats["num_events"])),
+                                sliding=int(jnp.max(state.n)), refresh=False)
+            if ckpt is not None:
+                ckpt.save(state, started, force=bool(jnp.all(state.done)))
+    stats = dict(state.stats)
+    stats["num_sliding_now"] = state.n
+    stats["t_reached"] = state.t
+    stats["num_records"] = state.n_records
+    return state.out, stats, state.result, _events(state, layout)
+
+
+__all__ = ["CHECKPOINT_SECONDS", "Events", "exact_flow"]
