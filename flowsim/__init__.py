@@ -28,6 +28,12 @@ from ._flow import (
     gradient_flow as gradient_flow,
 )
 from ._spectral import sharpness as sharpness
+from ._exact.solve import Events as Events
+from .kinks import (
+    ExactKinks as ExactKinks,
+    KinksWarning as KinksWarning,
+    SmoothKinks as SmoothKinks,
+)
 from ._trajectory import Trajectory as Trajectory
 
 try:

@@ -17,7 +17,9 @@ import numpy as np
 import optimistix as optx
 
 from . import invariants as inv
-from ._kinks import kink_flow, supports_kinks
+from ._exact.solve import exact_flow
+from ._kinks import supports_kinks
+from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
 from ._problem import check_loss, check_model, split_batch
 from ._spectral import sharpness
 from ._trajectory import Trajectory
@@ -254,7 +256,7 @@ def gradient_flow(
     dt0: float | None = None,
     batched: bool = False,
     throw: bool = True,
-    kinks: str = "auto",
+    kinks="auto",
     max_events: int = 10_000,
     count_evals: bool = False,
     progress: bool = False,
@@ -284,15 +286,20 @@ def gradient_flow(
     - `batched`: integrate a batch of initialisations in one compiled call (vmap).
     - `throw`: raise `FlowFailed` if any trajectory fails; with `throw=False` failures are
       marked in `Trajectory.result` and the other trajectories are kept.
-    - `kinks`: how ReLU kinks are integrated. `"exact"`: piece by piece on fixed activation
-      patterns, with every pattern change located as an event and Filippov sliding along kinks
-      (see docs/kinks.md; needs a ReLU / leaky-ReLU model and a loss with inputs `X`, as from
-      `flowsim.losses`); `"smooth"`: hand the discontinuous vector field to the adaptive solver
-      as it is (fast where few kinks are crossed; stalls in a sliding mode, which is then
-      reported as a max_steps failure); `"auto"` (default): exact where supported and the
-      data has at most `EXACT_KINKS_MAX_SURFACES` pre-activation surfaces (points x hidden
-      units), smooth otherwise. `Trajectory.kinks` says which was used.
-    - `max_events`: with exact kinks, the most pattern changes before the solve is failed.
+    - `kinks`: how ReLU kinks are integrated: a strategy from `flowsim.kinks`, or a string
+      shortcut. `flowsim.ExactKinks(...)` / `"exact"`: piece by piece on fixed activation
+      patterns, with every pattern change located as an event and Filippov sliding along
+      kinks, as one compiled program (vmapped over a batch on accelerators; see
+      docs/kinks.md; needs a ReLU / leaky-ReLU model and a loss with inputs `X`, as from
+      `flowsim.losses`); `flowsim.SmoothKinks()` / `"smooth"`: hand the discontinuous vector
+      field to the adaptive solver as it is (fast where few kinks are crossed; stalls in a
+      sliding mode, which is then reported as a max_steps failure); `"auto"` (default): exact
+      where supported and the data has at most `EXACT_KINKS_MAX_SURFACES` pre-activation
+      surfaces (points x hidden units), smooth above with a `flowsim.KinksWarning`.
+      `Trajectory.kinks` says which was used, `Trajectory.events` lists the exact path's
+      events.
+    - `max_events`: with exact kinks, the most pattern changes before the solve is failed
+      (shortcut for `ExactKinks(max_events=...)`, whose value wins when one is passed).
     - `count_evals`: count every gradient and Hessian-vector product the solver evaluates
       (`stats["num_grad_evals"]`, `stats["num_hvp_evals"]`) through a host callback: exact
       for any solver, implicit ones included (diffrax does not report their Newton / GMRES
@@ -385,6 +392,11 @@ def gradient_flow(
         controller = dfx.PIDController(rtol=rtol_j, atol=atol_j, pcoeff=0.3, icoeff=0.4)
         controller = dfx.ClipStepSizeController(controller, step_ts=ts_arr)
     ts_j = jnp.asarray(ts_arr, dtype)
+    if isinstance(kinks, ExactKinks):
+        max_events, checkpoint = kinks.max_events, kinks.checkpoint
+        strategy = kinks
+    else:
+        strategy = ExactKinks(max_events=max_events, checkpoint=checkpoint)
     exact = _use_kinks(kinks, split_batch(params, static, batched), loss)
     for name, flag in (("count_evals", count_evals), ("error_estimate", error_estimate)):
         if not isinstance(flag, bool):
@@ -401,11 +413,12 @@ def gradient_flow(
             "problem), but this solve is smooth; drop checkpoint or pass kinks='exact'"
         )
     if exact:
-        saved, losses, result, stats = _kink_solve(
+        saved, losses, result, stats, events = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
-            batch if batched else None, progress, checkpoint,
+            batch if batched else None, progress, checkpoint, strategy,
         )
     else:
+        events = None
         token = next(_TOKENS) if count_evals else None
         if token is not None:
             lanes = batch if batched else 1
@@ -441,6 +454,7 @@ def gradient_flow(
         batched=batched,
         solver=type(solver).__name__,
         kinks="exact" if exact else ("smooth" if _has_kinks(model) else None),
+        events=events,
     )
     _report_failures(traj, throw, max_steps)
     if error_estimate:
@@ -450,8 +464,11 @@ def gradient_flow(
                 model, loss, t1, t0=t0, ts=ts_arr, solver=chosen,
                 rtol=rtol / ERROR_ESTIMATE_FACTOR, atol=atol / ERROR_ESTIMATE_FACTOR,
                 max_steps=max_steps, dt0=dt0, batched=batched, throw=False,
-                kinks="exact" if exact else "smooth", max_events=max_events, progress=progress,
-                checkpoint=None if checkpoint is None else _member_path(checkpoint, "tight"),
+                kinks=eqx.tree_at(
+                    lambda k: k.checkpoint, strategy,
+                    None if checkpoint is None else _member_path(checkpoint, "tight"),
+                    is_leaf=lambda x: x is None) if exact else SmoothKinks(),
+                progress=progress,
             )
         traj = eqx.tree_at(lambda tr: tr.stats, traj,
                            dict(traj.stats, error_estimate=_error_estimate(traj, tight)))
@@ -517,9 +534,14 @@ def _has_kinks(model) -> bool:
     return any(a in ("relu", "leaky_relu") for a in getattr(model, "activations", ()))
 
 
-def _use_kinks(kinks: str, model, loss) -> bool:
-    if kinks not in ("auto", "exact", "smooth"):
-        raise ValueError(f"`kinks` must be 'auto', 'exact' or 'smooth', got {kinks!r}")
+def _use_kinks(kinks, model, loss) -> bool:
+    if isinstance(kinks, ExactKinks):
+        kinks = "exact"
+    elif isinstance(kinks, SmoothKinks):
+        kinks = "smooth"
+    if not isinstance(kinks, str) or kinks not in ("auto", "exact", "smooth"):
+        raise ValueError(f"`kinks` must be 'auto', 'exact', 'smooth', flowsim.ExactKinks(...) "
+                         f"or flowsim.SmoothKinks(), got {kinks!r}")
     supported = supports_kinks(model, loss)
     if kinks == "exact" and not supported:
         raise ValueError(
@@ -528,7 +550,11 @@ def _use_kinks(kinks: str, model, loss) -> bool:
         )
     if kinks == "auto" and supported:
         pre = jax.eval_shape(lambda m: m.forward(loss.X)[1], model)
-        return sum(math.prod(z.shape) for z in pre) <= EXACT_KINKS_MAX_SURFACES
+        surfaces = sum(math.prod(z.shape) for z in pre)
+        if surfaces > EXACT_KINKS_MAX_SURFACES:
+            warn_auto_smooth(surfaces, EXACT_KINKS_MAX_SURFACES)
+            return False
+        return True
     return supported and kinks == "exact"
 
 
@@ -539,32 +565,16 @@ def _member_path(path, tag):
 
 
 def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps, max_events,
-                batch, progress=False, checkpoint=None):
-    members = [None] if batch is None else range(batch)
-    outs, stats, results = [], [], []
-    for i in members:
-        p = params if i is None else jax.tree.map(lambda x, i=i: x[i], params)
-        path = checkpoint if checkpoint is None or i is None else _member_path(checkpoint, i)
-        out, st, res, _ = kink_flow(eqx.combine(p, static), loss, t0, t1, ts, solver, controller,
-                                    max_steps, max_events, progress=progress,
-                                    label="" if i is None else f"member {i}", checkpoint=path)
-        outs.append(out)
-        stats.append(st)
-        results.append(res)
-    saved = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *outs)
+                batch, progress=False, checkpoint=None, strategy=None):
+    """The exact path: one compiled event loop, vmapped over the batch (`flowsim._exact`)."""
+    strategy = ExactKinks() if strategy is None else strategy
+    saved, stats, result, events = exact_flow(
+        params, static, loss, t0, t1, ts, solver, controller, max_steps, max_events,
+        batch is not None, progress=progress, checkpoint=checkpoint,
+        capacity=strategy.capacity, execution=strategy.batch)
     losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))
-    if batch is None:
-        saved = jax.tree.map(lambda x: x[0], saved)
-        loss_vals = losses(saved)
-    else:
-        loss_vals = jax.vmap(losses)(saved)
-    keys = stats[0].keys()
-    stat_arr = {k: jnp.asarray([s[k] for s in stats]) for k in keys}
-    result = jnp.asarray(results, jnp.int32)
-    if batch is None:
-        stat_arr = {k: v[0] for k, v in stat_arr.items()}
-        result = result[0]
-    return saved, loss_vals, result, stat_arr
+    loss_vals = losses(saved) if batch is None else jax.vmap(losses)(saved)
+    return saved, loss_vals, result, stats, events
 
 
 def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:

@@ -31,6 +31,8 @@ class Trajectory(eqx.Module):
     - `solver`: gradient flow only: the name of the diffrax solver used.
     - `kinks`: gradient flow only: `"exact"` or `"smooth"`, how ReLU kinks were integrated
       (`None` for smooth activations).
+    - `events`: exact kinks only: every crossing, slide and release (`flowsim.Events`: time,
+      kind, layer, unit, data point; padded rows marked by `valid`).
     """
 
     ts: Float[Array, "*batch time"]
@@ -42,6 +44,7 @@ class Trajectory(eqx.Module):
     stats: dict[str, Array] = eqx.field(default_factory=dict)
     ledger: tuple[Float[Array, "*batch time units"], ...] | None = None
     learning_rates: Float[Array, " steps"] | None = None
+    events: Any = None
     batched: bool = eqx.field(static=True, default=False)
     solver: str | None = eqx.field(static=True, default=None)
     kinks: str | None = eqx.field(static=True, default=None)
@@ -76,6 +79,7 @@ class Trajectory(eqx.Module):
             stats=pick(self.stats),
             ledger=pick(self.ledger),
             learning_rates=self.learning_rates,
+            events=pick(self.events),
             batched=False,
             solver=self.solver,
             kinks=self.kinks,

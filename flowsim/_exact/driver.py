@@ -273,6 +273,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
 
     mask, sign, offset, idx, n, _, stats, rec, grow = lax.while_loop(
         more_hits, hit, (mask, sign, offset, idx, n, hits, stats, rec, jnp.asarray(False)))
+    stats["num_sliding_max"] = jnp.maximum(stats["num_sliding_max"], n)
 
     # The next piece's slopes and the pseudo-inverse of their Jacobian (`slope_guess`): by
     # chord iterations from the last piece's guess while the sliding set is that piece's,
@@ -298,7 +299,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
         lam, pinv = lax.cond(reuse, from_piece, fresh)
         valid = pos < n
         out = valid & ~((_RELEASE_TOL < lam) & (lam < 1 - _RELEASE_TOL))
-        first = jnp.argmax(out)
+        first = jnp.argmax(out).astype(INDEX)
         any_out = jnp.any(out)
         j = jnp.where(any_out, idx[first], S)
         side = jnp.where(lam[first] >= 0.5, 1.0, 0.0).astype(dtype)

@@ -28,7 +28,7 @@ MAX_EVENTS = -1
 STOPPED_EARLY = -2
 
 STAT_NAMES = ("num_steps", "num_rejected_steps", "num_events", "num_crossings",
-              "num_sliding_intervals", "num_releases")
+              "num_sliding_intervals", "num_releases", "num_sliding_max")
 
 
 class ExactState(eqx.Module):
@@ -120,7 +120,10 @@ def repad(state: ExactState, capacity: int) -> ExactState:
 
 
 def next_capacity(k: int) -> int:
-    return max(1, 2 * k)
+    """The sliding capacity after `k`: 0 (nothing slides: the loop compiles without the
+    sliding solves), then 4, 8, 16, ...: a solve whose sliding set reaches K entries compiles
+    at most ceil(log2 K) + 1 times, and at most twice for K <= 4."""
+    return max(4, 2 * k)
 
 
 class Layout(eqx.Module):

@@ -1,0 +1,155 @@
+"""The exact ReLU flow as one compiled program: batches, compilation, checkpoints, strategies."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import flowsim
+from flowsim._exact import driver, solve
+from flowsim.models import MLP
+
+T = 10.0
+TOL = dict(solver="tsit5", rtol=1e-10, atol=1e-10)
+
+
+def _problem():
+    # Three ReLU units, five points: a few crossings per member, some sliding.
+    k1, k2 = jr.split(jr.key(5))
+    X = jr.normal(k1, (5, 2))
+    Y = jr.normal(k2, (5, 1))
+    return flowsim.losses.square(X, Y)
+
+
+def _nets(size, seed):
+    return flowsim.init.batch(lambda k: MLP((2, 3, 1), "relu", key=k), size, key=jr.key(seed))
+
+
+def _member(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _rows(ev):
+    valid = np.asarray(ev.valid)
+    return list(zip(np.asarray(ev.kind)[valid].tolist(), np.asarray(ev.layer)[valid].tolist(),
+                    np.asarray(ev.unit)[valid].tolist(), np.asarray(ev.point)[valid].tolist()))
+
+
+def test_vmapped_batch_equals_single_solves_and_compiles_once():
+    # 16 members in ONE vmapped call equal 16 single solves: identical event sequences, event
+    # times and states to 1e-12; at a fixed capacity the batch compiles once, and a second
+    # batch of new initialisations (same shapes) compiles nothing.
+    loss = _problem()
+    nets = _nets(16, 0)
+    kinks = flowsim.ExactKinks(max_events=200, batch="vmap", capacity=4)
+    before = driver.TRACES[0]
+    batch = flowsim.gradient_flow(nets, loss, T, batched=True, kinks=kinks, **TOL)
+    assert driver.TRACES[0] - before == 1
+    assert np.all(np.asarray(batch.succeeded))
+    events = np.asarray(batch.stats["num_events"])
+    assert events.min() >= 1 and np.asarray(batch.stats["num_sliding_intervals"]).sum() >= 1
+    single_kinks = flowsim.ExactKinks(max_events=200, capacity=4)
+    for i in range(16):
+        one = flowsim.gradient_flow(_member(nets, i), loss, T, kinks=single_kinks, **TOL)
+        mine = batch[i]
+        assert _rows(one.events) == _rows(mine.events), i
+        v = np.asarray(one.events.valid)
+        assert np.max(np.abs(np.asarray(one.events.t)[v] - np.asarray(mine.events.t)[v]),
+                      initial=0.0) <= 1e-12
+        gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(eqx.filter(one.models, eqx.is_inexact_array)),
+            jax.tree.leaves(eqx.filter(mine.models, eqx.is_inexact_array))))
+        assert gap <= 1e-12, (i, gap)
+        for key in ("num_steps", "num_events", "num_crossings", "num_sliding_intervals"):
+            assert int(one.stats[key]) == int(mine.stats[key]), (i, key)
+    before = driver.TRACES[0]
+    flowsim.gradient_flow(_nets(16, 1), loss, T, batched=True, kinks=kinks, **TOL)
+    assert driver.TRACES[0] == before
+
+
+def test_loop_execution_equals_vmap():
+    # A batch run as a loop of the single-trajectory program (the CPU default) gives what the
+    # vmapped program gives: the same events; states to 1e-12.
+    loss = _problem()
+    nets = _nets(3, 2)
+    out = {}
+    for how in ("vmap", "loop"):
+        out[how] = flowsim.gradient_flow(
+            nets, loss, T, batched=True, kinks=flowsim.ExactKinks(batch=how), **TOL)
+    for i in range(3):
+        assert _rows(out["vmap"][i].events) == _rows(out["loop"][i].events)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(eqx.filter(out["vmap"].models, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(out["loop"].models, eqx.is_inexact_array))))
+    assert gap <= 1e-12
+
+
+def test_capacity_grows_and_compiles_at_most_log2():
+    # From capacity 0 a solve whose sliding set reaches K entries runs at capacities 0, 4,
+    # 8, ...: it compiles at most ceil(log2 K) + 1 times, and the result equals a solve
+    # started at a capacity that never grows (events identical, states to 1e-12).
+    from flowsim._exact.state import next_capacity
+
+    assert [next_capacity(k) for k in (0, 1, 4, 8)] == [4, 4, 8, 16]
+    loss = _problem()
+    net = _member(_nets(16, 0), 3)
+    before = driver.TRACES[0]
+    grown = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=0), **TOL)
+    K = int(grown.stats["num_sliding_max"])
+    assert K >= 1
+    assert driver.TRACES[0] - before <= int(np.ceil(np.log2(K))) + 1
+    fixed = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=8), **TOL)
+    assert _rows(grown.events) == _rows(fixed.events)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(eqx.filter(grown.models, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(fixed.models, eqx.is_inexact_array))))
+    assert gap <= 1e-12
+
+
+def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
+    # A solve run in chunks of one event, written to its checkpoint after each, then killed and
+    # resumed, ends bitwise equal to the solve run in one call.
+    from flowsim._exact import checkpoint
+
+    loss = _problem()
+    net = _member(_nets(16, 0), 5)
+    whole = flowsim.gradient_flow(net, loss, T, **TOL)
+    assert int(whole.stats["num_events"]) >= 3
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(solve, "_FIRST_CHUNK", 1)
+    monkeypatch.setattr(solve, "_CHUNK_SECONDS", 0.0)
+    run, calls = driver.run, []
+
+    def killed(*args, **kw):
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(*args, **kw)
+
+    monkeypatch.setattr(driver, "run", killed)
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
+    info = checkpoint.checkpoint_info(path)
+    assert not info["done"] and 0 < info["t"] < T and info["num_events"] >= 1
+    monkeypatch.setattr(driver, "run", run)
+    resumed = flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
+    for a, b in zip(jax.tree.leaves(eqx.filter(whole.models, eqx.is_inexact_array)),
+                    jax.tree.leaves(eqx.filter(resumed.models, eqx.is_inexact_array))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert _rows(whole.events) == _rows(resumed.events)
+    assert {k: int(v) for k, v in whole.stats.items() if k.startswith("num")} == \
+        {k: int(v) for k, v in resumed.stats.items() if k.startswith("num")}
+    assert checkpoint.checkpoint_info(path)["done"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_events=-1), "`max_events` must be a non-negative integer, got -1"),
+    (dict(batch="threads"), "`batch` must be one of 'auto', 'vmap', 'loop', got 'threads'"),
+    (dict(capacity=2.5), "`capacity` must be a non-negative integer, got 2.5"),
+])
+def test_exact_kinks_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        flowsim.ExactKinks(**bad)
