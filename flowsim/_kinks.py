@@ -41,6 +41,7 @@ import time
 
 import diffrax as dfx
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,6 +69,27 @@ def supports_kinks(model, loss) -> bool:
     )
 
 
+def cond(pred, true_fn, false_fn, *, vmapped=False, rare="true"):
+    """`lax.cond(pred, true_fn, false_fn)`, or with `vmapped` a form that stays a conditional
+    when the caller is vmapped.
+
+    vmap turns a `lax.cond` on a batched predicate into a select that runs both branches for
+    every lane, and the branches here are the expensive parts (a Newton step with its
+    Jacobian, the sliding slopes): a vmapped event loop spent ~10x the time per step on them.
+    With `vmapped`, the `rare` branch ("true" or "false") runs only when some lane takes it
+    (`equinox.internal.unvmap_any`), both with a per-lane select then; the other branch is
+    traced twice (a larger program to compile), so `rare` names the expensive one."""
+    if not vmapped:
+        return jax.lax.cond(pred, true_fn, false_fn)
+
+    def mixed():
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn())
+
+    if rare == "true":
+        return jax.lax.cond(eqxi.unvmap_any(pred), mixed, false_fn)
+    return jax.lax.cond(eqxi.unvmap_all(pred), true_fn, mixed)
+
+
 _LSTSQ_RCOND = 1e-12
 
 
@@ -75,7 +97,7 @@ _LSTSQ_RCOND = 1e-12
 _INVERSE_CHECK = 1e-8
 
 
-def _inverse(J):
+def _inverse(J, vmapped=False):
     """J^-1 from an LU factorisation where that is accurate (|J X - I| <= `_INVERSE_CHECK`,
     i.e. J is not near singular), else the pseudo-inverse with rcond `_LSTSQ_RCOND`: the same
     matrix where J is well conditioned, 2-5x cheaper (k = 896 sliding entries: 0.10 s
@@ -85,12 +107,13 @@ def _inverse(J):
     eye = jnp.eye(J.shape[0], dtype=J.dtype)
     inv = jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(J), eye)
     accurate = jnp.all(jnp.isfinite(inv)) & (jnp.max(jnp.abs(J @ inv - eye)) <= _INVERSE_CHECK)
-    return jax.lax.cond(accurate, lambda: inv, lambda: jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND))
+    return cond(accurate, lambda: inv, lambda: jnp.linalg.pinv(J, rtol=_LSTSQ_RCOND),
+                vmapped=vmapped, rare="false")
 
 
-def _lstsq(A, b):
+def _lstsq(A, b, vmapped=False):
     """The least-squares solution of A x = b (`_inverse(A) @ b`)."""
-    return _inverse(A) @ b
+    return _inverse(A, vmapped) @ b
 
 
 class _Problem(eqx.Module):
@@ -99,6 +122,14 @@ class _Problem(eqx.Module):
     static: eqx.Module
     loss: eqx.Module
     shapes: tuple = eqx.field(static=True)
+    # Traced under vmap: conditionals that stay conditionals there (`cond`).
+    vmapped: bool = eqx.field(static=True, default=False)
+
+    def cond(self, pred, true_fn, false_fn, rare="true"):
+        return cond(pred, true_fn, false_fn, vmapped=self.vmapped, rare=rare)
+
+    def _inverse(self, J):
+        return _inverse(J, self.vmapped)
 
     def model(self, p):
         return eqx.combine(p, self.static)
@@ -258,7 +289,7 @@ class _Problem(eqx.Module):
 
         def newton_step(lam):
             J = masked(jac(lam))
-            return _lstsq(J, residual(lam)), J
+            return _lstsq(J, residual(lam), self.vmapped), J
 
         zeros = jnp.zeros(k, mask.dtype)
         if sl.pinv is None:
@@ -269,7 +300,7 @@ class _Problem(eqx.Module):
             # not depend on them: one Jacobian in all, where Newton took a second to confirm.
             start = zeros if sl.lam is None else jnp.where(valid, sl.lam, 0.0)
             J_start = masked(jac(start))
-            pinv = _inverse(J_start)
+            pinv = self._inverse(J_start)
         else:
             start, pinv = jnp.where(valid, sl.lam, 0.0), sl.pinv
         # Where Newton restarts if a chord step fails: the start without a guess, else 0 (the
@@ -300,8 +331,8 @@ class _Problem(eqx.Module):
 
         def iterate(carry):
             lam, size, _, i, use_newton, J = carry
-            lam, size, err, use_newton, J = jax.lax.cond(use_newton, newton_, chord, lam, size, i,
-                                                         J)
+            lam, size, err, use_newton, J = self.cond(
+                use_newton, lambda: newton_(lam, size, i, J), lambda: chord(lam, size, i, J))
             return lam, size, err, i + 1, use_newton, J
 
         def keep_going(carry):
@@ -318,11 +349,9 @@ class _Problem(eqx.Module):
             # converged), else the one taken at the start here, else (chord iterations from
             # the last piece's guess, theta has moved) a fresh one.
             if sl.pinv is None:
-                return lam, jax.lax.cond(newton_ran,
-                                         lambda: _inverse(J),
-                                         lambda: pinv)
-            J = jax.lax.cond(newton_ran, lambda: J, lambda: masked(jac(lam)))
-            return lam, _inverse(J)
+                return lam, self.cond(newton_ran, lambda: self._inverse(J), lambda: pinv)
+            J = self.cond(newton_ran, lambda: J, lambda: masked(jac(lam)), rare="false")
+            return lam, self._inverse(J)
         return with_slopes(lam), lam, field_at(lam)
 
     def slope_system(self, p, mask, sl, rowwise=True, z1=None):

@@ -16,6 +16,8 @@ chunks, for progress and checkpoints). Whatever the chunks, the states are the s
 starts from a state at an iteration boundary and the iterations depend on nothing else.
 """
 
+import dataclasses
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -73,7 +75,7 @@ def _vector_field(t, y, args):
     ctx, mask, sl, n = args[:4]
     p, z1 = _split(y)
     if sl.idx.shape[0]:
-        field = lax.cond(n > 0, lambda: ctx.problem.sliding(p, mask, sl, z1=z1)[2],
+        field = ctx.problem.cond(n > 0, lambda: ctx.problem.sliding(p, mask, sl, z1=z1)[2],
                          lambda: ctx.problem.field(p, mask, z1))
     else:  # capacity 0: nothing can slide
         field = ctx.problem.field(p, mask, z1)
@@ -91,7 +93,7 @@ def _release_value(y, args):
         lam = ctx.problem.sliding(p, mask, sl, z1=z1)[1]
         return jnp.min(jnp.where(sl.valid, jnp.minimum(lam, 1 - lam), jnp.inf))
 
-    return lax.cond(n > 0, value, lambda: jnp.asarray(jnp.inf, mask.dtype))
+    return ctx.problem.cond(n > 0, value, lambda: jnp.asarray(jnp.inf, mask.dtype))
 
 
 def _crossing_cond(t, y, args, **kwargs):
@@ -102,15 +104,15 @@ def _crossing_cond(t, y, args, **kwargs):
     p, z1 = _split(y)
     z = ctx.problem.pre(p, mask, z1)
     value = jnp.min(jnp.where(sign == 0, jnp.inf, sign * z + offset))
-    return lax.cond(combined & (n > 0), lambda: jnp.minimum(value, _release_value(y, args)),
+    return ctx.problem.cond(combined & (n > 0), lambda: jnp.minimum(value, _release_value(y, args)),
                     lambda: value)
 
 
 def _release_cond(t, y, args, **kwargs):
     del t, kwargs
     combined = args[-1]
-    return lax.cond(combined, lambda: jnp.asarray(jnp.inf, args[1].dtype),
-                    lambda: _release_value(y, args))
+    return args[0].problem.cond(combined, lambda: jnp.asarray(jnp.inf, args[1].dtype),
+                                lambda: _release_value(y, args), rare="false")
 
 
 def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
@@ -144,7 +146,7 @@ def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
     z = problem.pre(y_end, s.mask, z1_end)
     lam = jnp.zeros_like(s.lam)
     if s.capacity:
-        lam = lax.cond(s.n > 0, lambda: problem.sliding(y_end, s.mask, sl, z1=z1_end)[1],
+        lam = problem.cond(s.n > 0, lambda: problem.sliding(y_end, s.mask, sl, z1=z1_end)[1],
                        lambda: lam)
     return (ys, sol.ts[1][-1], y_end, z, lam, sol.result._value,
             sol.stats["num_steps"].astype(INDEX), sol.stats["num_rejected_steps"].astype(INDEX))
@@ -238,7 +240,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
                 return m_s, field
 
             if k:
-                m_f, field = lax.cond(n > 0, with_slopes, lambda: (m, problem.field(s.p, m)))
+                m_f, field = problem.cond(n > 0, with_slopes, lambda: (m, problem.field(s.p, m)))
             else:
                 m_f, field = m, problem.field(s.p, m)
             return jax.jvp(lambda q: problem.rows(q, m_f, point[None]), (s.p,), (field,))[1][
@@ -296,7 +298,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
             g = problem.slope_guess(s.p, mask, ctx.sliding(idx, n, dtype, warm))
             return g.lam, g.pinv
 
-        lam, pinv = lax.cond(reuse, from_piece, fresh)
+        lam, pinv = problem.cond(reuse, from_piece, fresh, rare="false")
         valid = pos < n
         out = valid & ~((_RELEASE_TOL < lam) & (lam < 1 - _RELEASE_TOL))
         first = jnp.argmax(out).astype(INDEX)
@@ -342,7 +344,7 @@ def loop(ctx, s: ExactState, ts, t1, max_events, stop_at, solver, controller, ma
     TRACES[0] += 1
 
     def body(s):
-        s = lax.cond(s.pending, lambda: _handle_event(ctx, s), lambda: s)
+        s = ctx.problem.cond(s.pending, lambda: _handle_event(ctx, s), lambda: s)
         piece = _piece(ctx, s, ts, t1, solver, controller, max_steps)
         return _after_piece(s, piece, ts, t1, max_events)
 
@@ -355,6 +357,10 @@ def loop(ctx, s: ExactState, ts, t1, max_events, stop_at, solver, controller, ma
 @eqx.filter_jit
 def run(ctx, s, ts, t1, max_events, stop_at, solver, controller, max_steps, batched):
     """`loop` compiled; with `batched`, vmapped over the leading axis of `s` and `stop_at`."""
+    if batched:
+        ctx = eqx.tree_at(lambda c: c.problem, ctx,
+                          dataclasses.replace(ctx.problem, vmapped=True))
+
     def one(s, stop_at):
         return loop(ctx, s, ts, t1, max_events, stop_at, solver, controller, max_steps)
 
