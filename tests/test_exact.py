@@ -9,22 +9,23 @@ import pytest
 
 import flowsim
 from flowsim._exact import driver, solve
-from flowsim.models import MLP
+from flowsim.models import TwoLayerReLU
 
 T = 10.0
 TOL = dict(solver="tsit5", rtol=1e-10, atol=1e-10)
 
 
 def _problem():
-    # Three ReLU units, five points: a few crossings per member, some sliding.
-    k1, k2 = jr.split(jr.key(5))
-    X = jr.normal(k1, (5, 2))
-    Y = jr.normal(k2, (5, 1))
-    return flowsim.losses.square(X, Y)
+    # Two-layer ReLU nets with three units on three points in R^2: up to four events per
+    # member over t <= 10, sliding in half of the members, a release in one.
+    k1, k2, _ = jr.split(jr.key(7), 3)
+    return flowsim.losses.square(jr.normal(k1, (3, 2)), jr.normal(k2, (3,)))
 
 
 def _nets(size, seed):
-    return flowsim.init.batch(lambda k: MLP((2, 3, 1), "relu", key=k), size, key=jr.key(seed))
+    key = jr.split(jr.key(7), 3)[2] if seed == 0 else jr.key(seed)
+    return flowsim.init.batch(lambda k: TwoLayerReLU.random(2, 3, scale=1.0, key=k), size,
+                              key=key)
 
 
 def _member(tree, i):
@@ -49,7 +50,7 @@ def test_vmapped_batch_equals_single_solves_and_compiles_once():
     assert driver.TRACES[0] - before == 1
     assert np.all(np.asarray(batch.succeeded))
     events = np.asarray(batch.stats["num_events"])
-    assert events.min() >= 1 and np.asarray(batch.stats["num_sliding_intervals"]).sum() >= 1
+    assert events.sum() >= 16 and np.asarray(batch.stats["num_sliding_intervals"]).sum() >= 4
     single_kinks = flowsim.ExactKinks(max_events=200, capacity=4)
     for i in range(16):
         one = flowsim.gradient_flow(_member(nets, i), loss, T, kinks=single_kinks, **TOL)
@@ -67,22 +68,15 @@ def test_vmapped_batch_equals_single_solves_and_compiles_once():
     before = driver.TRACES[0]
     flowsim.gradient_flow(_nets(16, 1), loss, T, batched=True, kinks=kinks, **TOL)
     assert driver.TRACES[0] == before
-
-
-def test_loop_execution_equals_vmap():
-    # A batch run as a loop of the single-trajectory program (the CPU default) gives what the
-    # vmapped program gives: the same events; states to 1e-12.
-    loss = _problem()
-    nets = _nets(3, 2)
-    out = {}
-    for how in ("vmap", "loop"):
-        out[how] = flowsim.gradient_flow(
-            nets, loss, T, batched=True, kinks=flowsim.ExactKinks(batch=how), **TOL)
-    for i in range(3):
-        assert _rows(out["vmap"][i].events) == _rows(out["loop"][i].events)
+    # The batch run as a loop of the single-trajectory program (the CPU default) gives the
+    # same: the events identical, the states to 1e-12.
+    looped = flowsim.gradient_flow(nets, loss, T, batched=True, **TOL,
+                                   kinks=flowsim.ExactKinks(max_events=200, batch="loop"))
+    for i in range(16):
+        assert _rows(looped[i].events) == _rows(batch[i].events)
     gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(eqx.filter(out["vmap"].models, eqx.is_inexact_array)),
-        jax.tree.leaves(eqx.filter(out["loop"].models, eqx.is_inexact_array))))
+        jax.tree.leaves(eqx.filter(looped.models, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(batch.models, eqx.is_inexact_array))))
     assert gap <= 1e-12
 
 
@@ -98,7 +92,7 @@ def test_capacity_grows_and_compiles_at_most_log2():
     before = driver.TRACES[0]
     grown = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=0), **TOL)
     K = int(grown.stats["num_sliding_max"])
-    assert K >= 1
+    assert K == 2
     assert driver.TRACES[0] - before <= int(np.ceil(np.log2(K))) + 1
     fixed = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=8), **TOL)
     assert _rows(grown.events) == _rows(fixed.events)
