@@ -66,6 +66,62 @@ def flat(tree):
                            jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))])
 
 
+def measure(B, args, repeats, first):
+    """One row: every column for a batch of B members (correctness checked first)."""
+    exact, smooth = flowsim.ExactKinks(), flowsim.SmoothKinks()
+    vmapped = flowsim.ExactKinks(batch="vmap")
+    nets, loss = make(B)
+    rec = {"B": B}
+    # Correctness first: member 0 of each batched call against its single solve.
+    tic = time.perf_counter()
+    ref = flow(member(nets, 0), loss, exact, batched=False)
+    first.setdefault("single_exact_first_call_s", time.perf_counter() - tic)
+    ref_host = host(nets, loss, 1)[0]
+    ref_flat = flat(ref.final_model())
+    host_flat = np.concatenate([np.ravel(x[-1]) for x in jax.tree.leaves(ref_host[0])])
+    scale = np.max(np.abs(host_flat))
+    rec["host_vs_new_rel"] = float(np.max(np.abs(host_flat - ref_flat)) / scale)
+    assert rec["host_vs_new_rel"] <= 1e-10, rec
+    assert ref_host[1]["num_events"] == int(ref.stats["num_events"])
+    checks = {"auto": exact, "smooth": smooth}
+    if jax.default_backend() != "cpu" or B <= args.vmap_cap:
+        checks["vmap"] = vmapped
+    timings = {}
+    for name, kinks in checks.items():
+        tic = time.perf_counter()
+        out = flow(nets, loss, kinks)
+        first.setdefault(f"batch_{name}_first_call_s_B{B}", time.perf_counter() - tic)
+        one = ref if name != "smooth" else flow(member(nets, 0), loss, smooth, batched=False)
+        got = flat(out[0].final_model())
+        want = flat(one.final_model())
+        rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert rel <= 1e-10, (name, B, rel)
+        if name != "smooth":
+            assert int(out.stats["num_events"][0]) == int(ref.stats["num_events"])
+        timings[name] = _common.timeit(lambda kinks=kinks: flow(nets, loss, kinks).models,
+                                       repeats=repeats, warmup=0)["median_s"]
+    count = min(B, args.host_cap)
+    timings["loop"] = _common.timeit(
+        lambda: [t.models for t in loop(nets, loss, exact, B)], repeats=1,
+        warmup=0)["median_s"]
+    timings["smooth_loop"] = _common.timeit(
+        lambda: [t.models for t in loop(nets, loss, smooth, B)], repeats=1,
+        warmup=0)["median_s"]
+    host_s = _common.timeit(lambda: [o[0] for o in host(nets, loss, count)], repeats=1,
+                            warmup=0)["median_s"]
+    timings["host_loop"] = host_s * B / count
+    tps = {k: B / v for k, v in timings.items()}
+    events = np.asarray(flow(nets, loss, exact).stats["num_events"])
+    rec.update(seconds=timings, trajectories_per_s=tps, host_members_timed=count,
+               events_mean=float(events.mean()), events_min=int(events.min()),
+               events_max=int(events.max()),
+               speedup_batch_vs_host_loop=timings["host_loop"] / timings["auto"],
+               batch_vs_loop=timings["loop"] / timings["auto"])
+    return rec, [B, f"{events.min()}-{events.max()}", tps["auto"], tps.get("vmap"),
+                 tps["loop"], tps["host_loop"], rec["speedup_batch_vs_host_loop"],
+                 tps["smooth"], tps["smooth_loop"]]
+
+
 def main():
     p = _common.parser(__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=None)
@@ -76,62 +132,12 @@ def main():
     args = p.parse_args()
     batches = args.batches or ([1, 8] if args.quick else [1, 8, 32, 128])
     repeats = args.repeats or (1 if args.quick else 2)
-    exact, smooth = flowsim.ExactKinks(), flowsim.SmoothKinks()
-    vmapped = flowsim.ExactKinks(batch="vmap")
     rows, records = [], []
     first = {}
     for B in batches:
-        nets, loss = make(B)
-        rec = {"B": B}
-        # Correctness first: member 0 of each batched call against its single solve.
-        tic = time.perf_counter()
-        ref = flow(member(nets, 0), loss, exact, batched=False)
-        first.setdefault("single_exact_first_call_s", time.perf_counter() - tic)
-        ref_host = host(nets, loss, 1)[0]
-        ref_flat = flat(ref.models)[-flat(ref.final_model()).size:]
-        host_flat = np.concatenate([np.ravel(x[-1]) for x in jax.tree.leaves(ref_host[0])])
-        scale = np.max(np.abs(host_flat))
-        rec["host_vs_new_rel"] = float(np.max(np.abs(host_flat - ref_flat)) / scale)
-        assert rec["host_vs_new_rel"] <= 1e-10, rec
-        assert ref_host[1]["num_events"] == int(ref.stats["num_events"])
-        checks = {"auto": exact, "smooth": smooth}
-        if jax.default_backend() != "cpu" or B <= args.vmap_cap:
-            checks["vmap"] = vmapped
-        timings = {}
-        for name, kinks in checks.items():
-            tic = time.perf_counter()
-            out = flow(nets, loss, kinks)
-            first.setdefault(f"batch_{name}_first_call_s_B{B}", time.perf_counter() - tic)
-            one = ref if name != "smooth" else flow(member(nets, 0), loss, smooth, batched=False)
-            got = flat(out[0].final_model())
-            want = flat(one.final_model())
-            rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-            assert rel <= 1e-10, (name, B, rel)
-            if name != "smooth":
-                assert int(out.stats["num_events"][0]) == int(ref.stats["num_events"])
-            timings[name] = _common.timeit(lambda kinks=kinks: flow(nets, loss, kinks).models,
-                                           repeats=repeats, warmup=0)["median_s"]
-        count = min(B, args.host_cap)
-        timings["loop"] = _common.timeit(
-            lambda: [t.models for t in loop(nets, loss, exact, B)], repeats=1,
-            warmup=0)["median_s"]
-        timings["smooth_loop"] = _common.timeit(
-            lambda: [t.models for t in loop(nets, loss, smooth, B)], repeats=1,
-            warmup=0)["median_s"]
-        host_s = _common.timeit(lambda: [o[0] for o in host(nets, loss, count)], repeats=1,
-                                warmup=0)["median_s"]
-        timings["host_loop"] = host_s * B / count
-        tps = {k: B / v for k, v in timings.items()}
-        events = np.asarray(flow(nets, loss, exact).stats["num_events"])
-        rec.update(seconds=timings, trajectories_per_s=tps, host_members_timed=count,
-                   events_mean=float(events.mean()), events_min=int(events.min()),
-                   events_max=int(events.max()),
-                   speedup_batch_vs_host_loop=timings["host_loop"] / timings["auto"],
-                   batch_vs_loop=timings["loop"] / timings["auto"])
+        rec, row = measure(B, args, repeats, first)
         records.append(rec)
-        rows.append([B, f"{events.min()}-{events.max()}", tps["auto"], tps.get("vmap"),
-                     tps["loop"], tps["host_loop"], rec["speedup_batch_vs_host_loop"],
-                     tps["smooth"], tps["smooth_loop"]])
+        rows.append(row)
     _common.table(["B", "events", "batch (auto) traj/s", "batch (vmap) traj/s", "loop traj/s",
                    "host loop traj/s", "batch / host loop", "smooth batch traj/s",
                    "smooth loop traj/s"], rows,

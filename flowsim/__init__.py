@@ -22,19 +22,19 @@ from ._compare import (
     modified_flow_loss as modified_flow_loss,
 )
 from ._descent import DivergenceWarning as DivergenceWarning, gradient_descent as gradient_descent
+from ._exact.solve import Events as Events
 from ._flow import (
     FlowFailed as FlowFailed,
     FlowWarning as FlowWarning,
     gradient_flow as gradient_flow,
 )
 from ._spectral import sharpness as sharpness
-from ._exact.solve import Events as Events
+from ._trajectory import Trajectory as Trajectory
 from .kinks import (
     ExactKinks as ExactKinks,
     KinksWarning as KinksWarning,
     SmoothKinks as SmoothKinks,
 )
-from ._trajectory import Trajectory as Trajectory
 
 try:
     __version__ = importlib.metadata.version("flowsim")

@@ -19,10 +19,10 @@ import optimistix as optx
 from . import invariants as inv
 from ._exact.solve import exact_flow
 from ._kinks import supports_kinks
-from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
 from ._problem import check_loss, check_model, split_batch
 from ._spectral import sharpness
 from ._trajectory import Trajectory
+from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
 
 DENSE_JACOBIAN_MAX = 2000
 """Largest parameter count for which implicit solvers build the dense Jacobian (LU).

@@ -68,7 +68,7 @@ import numpy as np
 
 import flowsim
 from flowsim import _kinks, invariants as inv
-from flowsim._kinks import checkpoint_info
+from flowsim._exact.checkpoint import checkpoint_info
 
 
 def pattern_flips(net, loss, t1, rtol, saves, max_steps=5_000):

@@ -127,7 +127,9 @@ def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
     info = checkpoint.checkpoint_info(path)
-    assert not info["done"] and 0 < info["t"] < T and info["num_events"] >= 1
+    assert not info["done"] and 0 < info["t"] < T and info["stats"]["num_events"] >= 1
+    saved = checkpoint.checkpoint_info(path, states=True)
+    assert saved["filled"].shape == (2,) and saved["saved"][0].shape[0] == 2
     monkeypatch.setattr(driver, "run", run)
     resumed = flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
     for a, b in zip(jax.tree.leaves(eqx.filter(whole.models, eqx.is_inexact_array)),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._kinks import fingerprint
+from .._kinks import _Checkpoint
 from .state import MAX_EVENTS
 
 # A chunked solve writes its checkpoint after the first call that ends this long after the
@@ -28,18 +28,12 @@ def _meta(path):
         return json.loads(str(f["meta"])), {k: f[k] for k in f.files if k != "meta"}
 
 
-class Checkpoint:
-    """The checkpoint file of one solve (see the module docstring)."""
+class Checkpoint(_Checkpoint):
+    """The checkpoint file of one solve (see the module docstring); the path's checks and the
+    problem's fingerprint are the host-side loop's."""
 
     def __init__(self, path, params, loss, t0, t1, ts, solver, controller):
-        self.path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"checkpoint: the folder of {self.path} does not exist; create "
-                             f"it or pass another path")
-        self.fingerprint = fingerprint(params, loss, t0, t1, ts, solver, controller)
-        self.last_save = time.perf_counter()
-        self.history: list = []
+        super().__init__(path, params, loss, t0, t1, ts, solver, controller)
         self.elapsed = 0.0
 
     def load(self, like, records):
@@ -85,13 +79,20 @@ class Checkpoint:
         if not force and now - self.last_save < CHECKPOINT_SECONDS:
             return
         self.last_save = now
-        leaves = jax.device_get(jax.tree.leaves(state))
+        flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+        leaves = [x for _, x in flat]
         elapsed = self.elapsed + now - started
-        self.history.append([float(np.min(leaves[0])), int(np.max(state.stats["num_events"])),
-                             int(np.max(state.n)), elapsed])
+        t = float(np.min(state.t))
+        stats = {k: np.asarray(v).tolist() for k, v in state.stats.items()}
+        n, idx = np.asarray(state.n), np.asarray(state.idx)
+        sliding = idx[: int(n)].tolist() if n.ndim == 0 else [
+            row[: int(m)].tolist() for row, m in zip(idx, n)]
+        self.history.append([t, int(np.max(stats["num_events"])), int(np.max(n)), elapsed])
         meta = {"fingerprint": self.fingerprint, "capacity": state.capacity,
                 "records": int(state.ev_t.shape[-1]), "elapsed_s": elapsed,
-                "done": bool(np.all(state.done)), "history": self.history}
+                "done": bool(np.all(state.done)), "history": self.history, "t": t,
+                "stats": stats, "sliding": sliding,
+                "paths": [jax.tree_util.keystr(path) for path, _ in flat]}
         tmp = f"{self.path}.tmp"
         with open(tmp, "wb") as f:
             np.savez_compressed(f, meta=np.array(json.dumps(meta)),
@@ -99,13 +100,23 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
-def checkpoint_info(path) -> dict:
-    """What an exact solve's checkpoint holds: `t` reached (the least over a batch),
-    `num_events`, `sliding` (entries sliding now, the most over a batch), `elapsed_s`, `done`,
-    `capacity`, and `history`, one row [t, events, entries sliding, seconds] per write."""
-    meta, _ = _meta(os.fspath(path))
-    history = meta.get("history", [])
-    last = history[-1] if history else [float("nan"), 0, 0, 0.0]
-    return {"t": last[0], "num_events": last[1], "sliding": last[2],
-            "elapsed_s": meta.get("elapsed_s", 0.0), "done": meta.get("done", False),
-            "capacity": meta.get("capacity"), "history": history}
+def checkpoint_info(path, states: bool = False) -> dict:
+    """What an exact solve's checkpoint holds: `t` reached (the least over a batch), `stats`
+    there, `sliding` (the entries sliding; per member for a batch), `elapsed_s` (seconds
+    spent, summed over resumed runs), `done`, `capacity`, and `history`, one row [t, events,
+    entries sliding, seconds] per write; with `states` also `filled` (which save times the
+    solve has passed) and `saved`, the leaves of the parameters at the save times (leading
+    axes: batch, time). Files of the host-side loop (`flowsim._kinks.kink_flow`) are read by
+    `flowsim._kinks.checkpoint_info`."""
+    meta, data = _meta(os.fspath(path))
+    if "capacity" not in meta:
+        from .._kinks import checkpoint_info as host_info
+
+        return host_info(path, states)
+    info = {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done", "capacity",
+                                 "history")}
+    if states:
+        paths = meta["paths"]
+        info["filled"] = data[f"a{paths.index('.filled')}"]
+        info["saved"] = [data[f"a{i}"] for i, p in enumerate(paths) if p.startswith(".out")]
+    return info
