@@ -35,8 +35,8 @@ class ExactKinks(AbstractKinks):
 
     **Arguments:**
 
-    - `max_events`: the most pattern changes before the solve fails (`result` -1); also the
-      length of the event record (`Trajectory.events`).
+    - `max_events`: the most pattern changes before the solve fails (`result` -1); the event
+      record (`Trajectory.events`) keeps 2 `max_events` + 16 rows.
     - `checkpoint`: a file (.npz) for the loop's state: written every
       `flowsim._exact.checkpoint.CHECKPOINT_SECONDS` (60 s), on Ctrl-C and at the end, and
       resumed from if it exists (bitwise as if never stopped). A batch run as a loop keeps one

@@ -229,14 +229,22 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
         mask, sign, offset, idx, n, remaining, stats, rec, grow = c
         j = jnp.argmax(remaining).astype(INDEX)
         remaining = remaining.at[j].set(False)
-        sl = ctx.sliding(idx, n, dtype)
+        # While the sliding set is the last piece's, the slopes start from its guess (chord
+        # iterations, one residual each); else by Newton from 0.
+        same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
         _, point, _, col = ctx.layout.locate(j)
 
         def zdot(side):
             m = mask.at[j].set(side)
 
             def with_slopes():
-                m_s, _, field = problem.sliding(s.p, m, sl)
+                def guessed():
+                    return problem.sliding(s.p, m, ctx.sliding(idx, n, dtype, s.lam, s.pinv))
+
+                def fresh():
+                    return problem.sliding(s.p, m, ctx.sliding(idx, n, dtype))
+
+                m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
                 return m_s, field
 
             if k:

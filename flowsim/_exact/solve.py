@@ -119,7 +119,7 @@ def _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps,
     dtype = zs[0].dtype
     ts = jnp.asarray(ts, dtype)
     t1_j = jnp.asarray(t1, dtype)
-    records = int(max_events)
+    records = 2 * int(max_events) + 16  # rows: an event can change several entries
     dt0 = _FIRST_STEP * (float(t1) - float(t0))
 
     def start(p, capacity, records):
