@@ -321,14 +321,15 @@ def gradient_flow(
       it took the very same steps (the tolerance never bound them, as on exact-kink pieces
       shorter than the error control would allow): the error is then below what the
       tolerance resolves, not zero.
-    - `checkpoint`: with exact kinks, a file (.npz) in which the piecewise solve keeps its
-      state: saved every `flowsim._kinks.CHECKPOINT_SECONDS` (60 s), on Ctrl-C and when the
-      solve stops. If the file exists the solve resumes from it (a finished one returns its
-      result at once; one that ran out of `max_events` or `max_steps` carries on with the
-      larger budget given), so an exact solve of hours survives interruptions. The file is
-      refused (ValueError) if it belongs to another problem (initial model, data, times,
-      solver, tolerances). Batched: one file per member, `<stem>-<i><suffix>`; the tighter
-      solve of `error_estimate` uses `<stem>-tight<suffix>`.
+    - `checkpoint`: with exact kinks, a file (.npz) in which the event loop keeps its state
+      (shortcut for `ExactKinks(checkpoint=...)`): written every
+      `flowsim._exact.checkpoint.CHECKPOINT_SECONDS` (60 s), on Ctrl-C and when the solve
+      stops. If the file exists the solve resumes from it, bitwise as if never stopped (a
+      finished one returns its result at once; one that ran out of `max_events` or
+      `max_steps` carries on with the larger budget given). The file is refused (ValueError)
+      if it belongs to another problem (initial model, data, times, solver, tolerances). A
+      vmapped batch keeps one file, a batch run as a loop one per member,
+      `<stem>-<i><suffix>`; the tighter solve of `error_estimate` uses `<stem>-tight<suffix>`.
 
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
@@ -336,7 +337,8 @@ def gradient_flow(
     **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `result` (0 = success) and
     `stats` (`num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_grad_evals` for
     explicit solvers (stages x steps + 1) or with `count_evals`, then also `num_hvp_evals`;
-    with exact kinks `num_events`, `num_crossings`, `num_sliding_intervals`;
+    with exact kinks `num_events`, `num_crossings`, `num_sliding_intervals`, `num_releases`,
+    `num_sliding_max`, `num_sliding_now`, `num_records`, and `Trajectory.events`;
     for homogeneous networks `layer_gap_drift`, the largest change of a layer gap
     ||W_h||^2 - ||W_h+1||^2 over the saved times relative to the largest squared norm: the flow
     conserves the gaps, so a drift above the tolerance flags a solve to distrust; a small

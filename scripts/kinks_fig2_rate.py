@@ -3,10 +3,11 @@
 over the same first events, in one process.
 
 Each path first runs the same `--events` events (compiling), then again from t = 0, timed
-(compilations inside the timed run are reported). Both must meet the same events at the same times (1e-12 relative) before their
-times are compared. The projection to t = 20 scales the host loop's measured 6.52 h
-(63,417 events, `benchmarks/results/kinks_fig2_exact_t20.json`) by the ratio of the two
-rates: it assumes the ratio measured early holds where hundreds of entries slide.
+(compilations inside the timed run are reported). Both must meet the same events at the
+same times (1e-12 relative) before their times are compared. The projection to t = 20
+scales the host loop's measured 6.52 h (63,417 events,
+`benchmarks/results/kinks_fig2_exact_t20.json`) by the ratio of the two rates: it assumes
+the ratio measured early holds where hundreds of entries slide.
 
     python scripts/kinks_fig2_rate.py [--events 600] [--out F.json]
 """
