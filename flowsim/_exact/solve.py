@@ -106,6 +106,16 @@ def exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps, 
                        capacity=capacity)
 
 
+@eqx.filter_jit
+def _start(params, static, loss, ts, t0, dt0, capacity, records, batched):
+    """The loop's first state (`initial_state`), for a batch with `batched`."""
+    def start(p):
+        z = jnp.concatenate([v.ravel() for v in eqx.combine(p, static).forward(loss.X)[1]])
+        return initial_state(p, z, ts, t0, dt0, capacity, records)
+
+    return jax.vmap(start)(params) if batched else start(params)
+
+
 def _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps, max_events,
                 batched, *, progress=False, checkpoint=None, capacity=0, label=""):
     started = time.perf_counter()
@@ -122,21 +132,16 @@ def _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps,
     records = 2 * int(max_events) + 16  # rows: an event can change several entries
     dt0 = _FIRST_STEP * (float(t1) - float(t0))
 
-    def start(p, capacity, records):
-        z = jnp.concatenate([v.ravel() for v in eqx.combine(p, static).forward(loss.X)[1]])
-        return initial_state(p, z, ts, t0, dt0, capacity, records)
-
     def make(p, capacity, records):
-        if batched:
-            return jax.vmap(start, in_axes=(0, None, None))(p, capacity, records)
-        return start(p, capacity, records)
+        return _start(p, static, loss, ts, jnp.asarray(t0, dtype), jnp.asarray(dt0, dtype),
+                      capacity, records, batched)
 
     ckpt = state = None
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, params, loss, t0, t1, ts, solver, controller)
         state = ckpt.load(lambda k, r: jax.eval_shape(lambda p: make(p, k, r), params), records)
     if state is None:
-        state = jax.jit(make, static_argnums=(1, 2))(params, capacity, records)
+        state = make(params, capacity, records)
     chunked = progress or ckpt is not None
     chunk = _FIRST_CHUNK
     lanes = jax.tree.leaves(params)[0].shape[0] if batched else None
