@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["discretization", "work_precision", "batch_throughput", "gd_throughput"]
+SCRIPTS = ["discretization", "work_precision", "batch_throughput", "gd_throughput",
+           "kinks_batch"]
 
 
 @pytest.mark.slow
