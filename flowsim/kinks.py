@@ -46,7 +46,7 @@ class ExactKinks(AbstractKinks):
       (default): vmap on an accelerator, loop on the CPU (`flowsim._exact.solve.batch_execution`
       has the measurement).
     - `capacity`: the first static capacity of the sliding set (0: the loop compiles without
-      the sliding solves until something slides; it grows to 4, 8, 16, ...).
+      the sliding solves until something slides; it grows to 8, 16, 32, ...).
     """
 
     max_events: int = 10_000
