@@ -67,11 +67,10 @@ def batch_execution(execution: str) -> str:
     """How a batch runs: `"vmap"` (one vmapped loop) or `"loop"` (the single-trajectory program
     over the members in turn); `"auto"`: vmap on an accelerator, loop on the CPU.
 
-    A vmapped loop runs every lane until its slowest member stops, and on the CPU every lane
-    also pays for the branches it does not take (`lax.cond` becomes a select under vmap: the
-    sliding solves, the event handling). Quickstart network, 8 members, T = 2, tol 1e-8
-    (111-189 events each): 9.6 s vmapped against 2.1 s as a loop, compiled
-    (benchmarks/kinks_batch.py has the table)."""
+    A vmapped loop runs every lane until its slowest member stops, and a branch that some
+    lane takes runs for all (`flowsim._kinks.cond`). Quickstart network, 8 members, T = 2,
+    tol 1e-8 (111-189 events each), on 2 CPU cores: 2.7 trajectories/s vmapped against
+    6.1-7.9 as a loop (benchmarks/kinks_batch.py has the table)."""
     if execution == "auto":
         return "loop" if jax.default_backend() == "cpu" else "vmap"
     return execution
