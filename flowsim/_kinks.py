@@ -75,7 +75,7 @@ def cond(pred, true_fn, false_fn, *, vmapped=False, rare="true"):
 
     vmap turns a `lax.cond` on a batched predicate into a select that runs both branches for
     every lane, and the branches here are the expensive parts (a Newton step with its
-    Jacobian, the sliding slopes): a vmapped event loop spent ~10x the time per step on them.
+    Jacobian, the sliding slopes): a vmapped piece took 4x as long (32 ms against 8 ms, 8 lanes).
     With `vmapped`, the `rare` branch ("true" or "false") runs only when some lane takes it
     (`equinox.internal.unvmap_any`), both with a per-lane select then; the other branch is
     traced twice (a larger program to compile), so `rare` names the expensive one."""
