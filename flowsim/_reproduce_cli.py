@@ -1,7 +1,7 @@
 """`flowsim reproduce NAME`: the seed papers' figures and claims (thin wrapper over
 `flowsim.reproduce`)."""
 
-from .cli import UsageError
+from ._errors import UsageError
 
 
 def add_parsers(sub) -> None:

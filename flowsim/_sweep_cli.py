@@ -3,7 +3,7 @@
 import os
 import sys
 
-from .cli import UsageError
+from ._errors import UsageError
 
 
 def add_parsers(sub) -> None:

@@ -8,10 +8,7 @@ import argparse
 import sys
 
 from . import __version__
-
-
-class UsageError(Exception):
-    """A mistake in the command line or a config file: printed as one line, exit status 2."""
+from ._errors import UsageError as UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +36,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"flowsim {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = None
+        return 141
 
 
 if __name__ == "__main__":
