@@ -1,12 +1,7 @@
 """flowsim.sweep, `flowsim sweep` and `flowsim report`: validation, grid, store, resume, shards."""
 
 import copy
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -321,49 +316,7 @@ def test_sharded_equals_unsharded(tmp_path):
         )
 
 
-# Many quick points (GD only, the shapes of TINY): the kill lands while most are still to run.
-N_RESUME = 24
-RESUME_CFG = _with(
-    gd__delta=[round(0.02 * i, 2) for i in range(N_RESUME)],
-    flow=None,
-    metrics__record=["loss", "invariants", "drift", "ledger"],
-)
-
-
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-    cfg_path = _write(tmp_path, RESUME_CFG)
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "flowsim", "sweep", cfg_path, "--out", str(out), "--quiet"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f)
-    points = out / "points"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if points.exists() and any(p.suffix == ".nc" for p in points.iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log.read_text()
-    done = [p for p in points.iterdir() if p.suffix == ".nc"]
-    assert 1 <= len(done) < N_RESUME, "the kill should land mid-sweep"
-    partial = sweep.load(out)  # never a corrupt store
-    assert int(partial["finished"].sum()) == len(done)
-
-    resumed = subprocess.run(
-        cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"({len(done)} already finished)" in resumed.stderr
-    files = sorted(p.name for p in points.iterdir())
-    assert len(files) == N_RESUME and all(f.endswith(".nc") for f in files)  # no dups, no temps
-
-    fresh = sweep.load(sweep.run(RESUME_CFG, tmp_path / "fresh", progress=False).out)
-    got = sweep.load(out)
-    assert list(got["delta"].values) == list(fresh["delta"].values)
-    _assert_same(got, fresh)
+# Kills at random moments and resume: tests/test_store.py.
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -335,10 +335,14 @@ class Config:
         section = next(s for s, k in self.axes if k == name)
         return [coord_value(v) for v in self.sections[section][name]]
 
-    def points(self) -> list[Point]:
-        """The grid, in row-major order of the axes (first axis slowest)."""
+    @property
+    def num_points(self) -> int:
+        """The grid size, without building the grid."""
+        return math.prod(len(self.sections[s][k]) for s, k in self.axes)
+
+    def iter_points(self):
+        """The grid lazily, in row-major order of the axes (first axis slowest)."""
         choices = [self.sections[s][k] for s, k in self.axes]
-        out = []
         for i, combo in enumerate(itertools.product(*choices)):
             params = copy.deepcopy(self.sections)
             coords = {}
@@ -346,8 +350,11 @@ class Config:
                 params[s][k] = v
                 coords[k] = coord_value(v)
             _resolve(params)
-            out.append(Point(i, params, coords, point_key(params)))
-        return out
+            yield Point(i, params, coords, point_key(params))
+
+    def points(self) -> list[Point]:
+        """The grid, in row-major order of the axes (first axis slowest)."""
+        return list(self.iter_points())
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.sections)
@@ -373,11 +380,13 @@ def point_key(params) -> str:
 
 
 def default_save_every(steps: int, target: int = 100) -> int:
-    """The smallest divisor s of `steps` with steps / s <= target."""
-    for s in range(1, steps + 1):
-        if steps % s == 0 and steps // s <= target:
-            return s
-    return steps
+    """The smallest divisor s of `steps` with steps / s <= target.
+
+    Equivalently steps / q for the largest divisor q <= target of `steps`: at most `target`
+    trial divisions, whatever the size of `steps` (a prime gives s = steps: two saves).
+    """
+    q = next(q for q in range(min(target, steps), 0, -1) if steps % q == 0)
+    return steps // q
 
 
 def _resolve(params) -> None:
@@ -410,6 +419,19 @@ def _cross_checks(prefix: str, sections, axes) -> None:
                     f'{prefix}[problem].loss = "logistic": needs labels; set [problem].data = '
                     f'"separable" (got {json.dumps(data)})'
                 )
+    if has_flow and "exact" in values("flow", "kinks"):
+        for act in values("problem", "activation"):
+            if act not in ("relu", "leaky_relu"):
+                raise ConfigError(
+                    f'{prefix}[flow].kinks = "exact": needs a ReLU or leaky-ReLU network, but '
+                    f"[problem].activation = {json.dumps(act)} has no kinks; use kinks = "
+                    f'"auto" or "smooth"'
+                )
+    if has_gd and ("gd", "delta") in axes and "constant" in values("gd", "schedule"):
+        raise ConfigError(
+            f'{prefix}[gd].delta is a sweep axis, but schedule = "constant" ignores it (every '
+            f'delta would give the same points); use schedule = "power" or give one delta'
+        )
     if has_gd:
         for steps in values("gd", "steps"):
             for se in values("gd", "save_every"):
@@ -513,6 +535,13 @@ def load_config(config: "str | os.PathLike | Mapping | Config") -> Config:
                 text = f.read()
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory; give the config's TOML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not a text file in UTF-8 (byte {e.start}: {e.reason}); save the config "
+                f"as UTF-8 TOML"
+            ) from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
         where = path

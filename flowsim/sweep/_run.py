@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import os
 import pathlib
@@ -14,8 +15,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from . import _point, _store
-from ._config import Config, Point, load_config
+from . import _memory, _point, _store
+from ._config import Config, ConfigError, Point, load_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,9 @@ def run(
 
     **Returns:** a `SweepResult`; load the store with `flowsim.sweep.load(result.out)`.
 
-    **Raises:** `ConfigError` for an invalid config or a store made from another config.
+    **Raises:** `ConfigError` (one line) before any work for an invalid config, an output
+    directory that cannot hold the store, a store made from another config or held by another
+    running sweep, or a compiled call that would not fit in memory (`flowsim.sweep._memory`).
 
     **Example:**
 
@@ -170,18 +173,33 @@ def run(
         )
         out = pathlib.Path("runs") / stem
     out = pathlib.Path(out)
-    points = cfg.points()
     n_proc, proc = jax.process_count(), jax.process_index()
     leader = proc == 0
     say = _log if (leader and progress) else (lambda _msg: None)
+    local = jax.local_devices()
+    want = devices if devices is not None else cfg.sections["run"]["devices"]
+    n_dev = len(local) if want == "all" else min(int(want), len(local))
+    used = local[:n_dev]
     if dry_run:
         if progress:
-            _print_plan(cfg, points, out)
-        return SweepResult(out, len(points), 0, 0, 0.0)
+            _print_plan(cfg, out, n_dev)
+        _memory.check(cfg, used)
+        _store.check_out_dir(out)
+        return SweepResult(out, cfg.num_points, 0, 0, 0.0)
+    _memory.check(cfg, used)
+    points = cfg.points()
+    lock = _store.open_store(out, cfg, resume=resume) if leader else None
+    try:
+        return _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet,
+                           max_points, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    if leader:
-        _store.open_store(out, cfg, resume=resume)
-    done = _store.finished(out, points) if leader else [False] * len(points)
+
+def _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet, max_points,
+                t_start) -> SweepResult:
+    done = _store.verify_finished(out, points, say) if leader else [False] * len(points)
     if n_proc > 1:
         from jax.experimental import multihost_utils
 
@@ -190,10 +208,7 @@ def run(
     if max_points is not None:
         todo = todo[:max_points]
 
-    local = jax.local_devices()
-    want = devices if devices is not None else cfg.sections["run"]["devices"]
-    n_dev = len(local) if want == "all" else min(int(want), len(local))
-    used = local[:n_dev]
+    n_dev = len(used)
     mesh = _mesh(used)
     meta = {
         "flowsim_versions": json.dumps(_versions()),
@@ -231,7 +246,13 @@ def run(
             wall = time.perf_counter() - t0
             if leader:
                 ds["wall_seconds"] = ((), np.float64(wall))
-                _store.write_point(out, point, ds)
+                try:
+                    _store.write_point(out, point, ds)
+                except OSError as e:
+                    raise ConfigError(
+                        f"{_store.point_path(out, point)}: cannot be written ({e.strerror}); the "
+                        f"finished points are kept, rerun with --resume once it can"
+                    ) from None
                 with contextlib.suppress(OSError):
                     _store.update_manifest(out, cfg, points)
             ran += 1
@@ -310,18 +331,29 @@ def _gather(arrays):
     return out
 
 
-def _print_plan(cfg: Config, points: list[Point], out: pathlib.Path) -> None:
+PLAN_LINES = 50
+"""`--dry-run` lists at most this many grid points (the grid size is printed first, at once)."""
+
+
+def _print_plan(cfg: Config, out: pathlib.Path, n_dev: int) -> None:
     axes = cfg.axis_names
+    total = cfg.num_points
     print(f"config {cfg.path}: valid")
     print(
-        f"grid: {len(points)} points over axes {', '.join(axes) or '(none)'}; "
-        f"{cfg.seeds} seeds each"
+        f"grid: {total:,} points over axes {', '.join(axes) or '(none)'}; "
+        f"{cfg.seeds} seeds each",
+        flush=True,
     )
+    print(_memory.describe(cfg, n_dev), flush=True)
     print(
         f"runs: {'GD ' if cfg.has_gd else ''}{'flow ' if cfg.has_flow else ''}"
         f"metrics: {', '.join(cfg.metrics)}"
     )
-    done = _store.finished(out, points) if (out / _store.CONFIG).exists() else [False] * len(points)
-    for p, d in zip(points, done):
+    shown = list(itertools.islice(cfg.iter_points(), PLAN_LINES))
+    stored = (out / _store.CONFIG).exists()
+    done = _store.finished(out, shown) if stored else [False] * len(shown)
+    for p, d in zip(shown, done):
         print(f"  [{p.index}] {p.key} {p.label}{'  (finished)' if d else ''}")
+    if total > len(shown):
+        print(f"  ... and {total - len(shown):,} more")
     print(f"output: {out}")
