@@ -8,6 +8,12 @@ Figures (PNG, matplotlib Agg) go to `OUT/report/`:
 - `discretization.png`: ||theta_GD(t_k) - theta_flow(t_k)|| vs time and vs the step size eta_k;
 - `loss.png`: loss vs time, GD and flow, median with seed band;
 - `summary.md`, `summary.csv`: one row per grid point.
+
+Every aggregate (medians, bands, maxima, means) is over the seeds of a grid point that neither
+diverged in GD (`gd_diverged_at >= 0`) nor failed in the flow (`flow_result != 0`): a diverged
+seed holds its last finite iterate, often 1e100 and more, which would swamp a maximum and the
+GD-flow distance. The table counts the excluded seeds per point ("excluded seeds", next to
+"GD diverged" and "flow failed"); a point whose seeds are all excluded has NaN aggregates.
 """
 
 import csv
@@ -34,6 +40,48 @@ def _points(ds):
         label = ", ".join(f"{_sym(a)}={_num(v)}" for a, v in sel.items())
         out.append((label, sub))
     return out
+
+
+def _kept(sub) -> np.ndarray:
+    """Boolean per seed: True where GD did not diverge and the flow did not fail."""
+    if "seed" not in sub.dims:
+        return np.ones(0, bool)
+    ok = np.ones(sub.sizes["seed"], bool)
+    if "gd_diverged_at" in sub:
+        ok &= np.asarray(sub["gd_diverged_at"].values, float) < 0
+    if "flow_result" in sub:
+        ok &= np.asarray(sub["flow_result"].values, float) == 0
+    return ok
+
+
+def _kept_points(points):
+    """(label, the point's kept seeds only, number of seeds excluded) for each point."""
+    out = []
+    for label, sub in points:
+        ok = _kept(sub)
+        if "seed" in sub.dims:
+            n_out = int(ok.size - ok.sum())
+            if n_out:
+                sub = sub.isel(seed=np.flatnonzero(ok))
+                label = f"{label} ({int(ok.sum())} of {ok.size} seeds)"
+        else:
+            n_out = 0
+        out.append((label, sub, n_out))
+    return out
+
+
+def _excluded_note(points, kept) -> str:
+    """For the figures' titles: how many seeds they leave out in all, and the points left with
+    none ('' when no seed is excluded)."""
+    excluded = sum(n for _, _, n in kept)
+    if not excluded:
+        return ""
+    note = f"{excluded} diverged/failed seed{'s' if excluded > 1 else ''} excluded"
+    empty = [label for (label, _), (_, sub, n) in zip(points, kept) if n and not sub.sizes["seed"]]
+    if empty:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        note += "; none left at " + "; ".join(empty[:3]) + more
+    return note
 
 
 _SYMBOLS = {"delta": "δ", "eta0": "η₀", "variance": "σ²"}
@@ -98,7 +146,7 @@ def _finish(fig, axes, path, legend_title=None):
     fig.savefig(path, dpi=130)
 
 
-def _fig_drift(points, path, seeds):
+def _fig_drift(points, path, seeds, note=""):
     import matplotlib.pyplot as plt
 
     first = points[0][1]
@@ -140,14 +188,15 @@ def _fig_drift(points, path, seeds):
     for r in range(rows):
         axes[r, 0].set_ylabel("|drift|: median, 10–90 % band")
     fig.suptitle(
-        f"Layer-gap drift, GD (solid) vs gradient flow (dashed); {seeds} seeds per point",
+        f"Layer-gap drift, GD (solid) vs gradient flow (dashed); {seeds} seeds per point"
+        + (f"\n({note})" if note else ""),
         fontsize=11,
     )
     _finish(fig, list(axes.flat), path)
     plt.close(fig)
 
 
-def _fig_disc(points, ds, path, seeds):
+def _fig_disc(points, ds, path, seeds, note=""):
     import matplotlib.pyplot as plt
 
     axes_names = json.loads(ds.attrs.get("grid_axes", "[]"))
@@ -184,7 +233,7 @@ def _fig_disc(points, ds, path, seeds):
         ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(
         f"Discretization error GD ↔ gradient flow at matched times "
-        f"(median, 10–90 % over {seeds} seeds)",
+        f"(median, 10–90 % over {seeds} seeds" + (f")\n({note})" if note else ")"),
         fontsize=11,
     )
     _finish(fig, axes, path)
@@ -197,6 +246,10 @@ def _disc_vs_eta0(ax, ds, axes_names):
 
     others = [a for a in axes_names if a != "eta0"]
     final = ds["disc_parameter"].isel(time=-1)
+    if "gd_diverged_at" in ds:
+        final = final.where(ds["gd_diverged_at"] < 0)
+    if "flow_result" in ds:
+        final = final.where(ds["flow_result"] == 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = final.median("seed")
@@ -214,7 +267,7 @@ def _disc_vs_eta0(ax, ds, axes_names):
     ax.legend(fontsize=8, frameon=False)
 
 
-def _fig_loss(points, path, seeds):
+def _fig_loss(points, path, seeds, note=""):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.2, 4.2), layout="constrained")
@@ -245,7 +298,8 @@ def _fig_loss(points, path, seeds):
     ax.set_xlabel(r"time $t$   (GD iterate $k$ at $t_k = \sum_{i<k} \eta_i$)")
     ax.set_ylabel("training loss")
     ax.set_title(
-        f"Loss: GD (solid) vs gradient flow (dashed); median, 10–90 % over {seeds} seeds",
+        f"Loss: GD (solid) vs gradient flow (dashed); median, 10–90 % over {seeds} seeds"
+        + (f"\n({note})" if note else ""),
         fontsize=10,
     )
     ax.grid(True, which="major", alpha=0.3)
@@ -254,7 +308,11 @@ def _fig_loss(points, path, seeds):
 
 
 def _nanmax_seedmedian(a, reduce_axes):
+    """Median over seeds (axis 0) of each seed's largest |value| over `reduce_axes`; NaN when
+    there is no seed or no finite value."""
     a = np.abs(np.asarray(a, dtype=float))
+    if a.size == 0:
+        return float("nan")
     with np.errstate(all="ignore"):
         import warnings
 
@@ -264,12 +322,22 @@ def _nanmax_seedmedian(a, reduce_axes):
             return float(np.nanmedian(per_seed))
 
 
+def _nanmax(a) -> float:
+    a = np.asarray(a, dtype=float)
+    return float(np.nanmax(a)) if np.any(~np.isnan(a)) else float("nan")
+
+
 def _table(points, ds):
+    """One row per grid point. Aggregates are over the point's kept seeds (see `_kept`);
+    "excluded seeds", "GD diverged" and "flow failed" count over all its seeds."""
     rows = []
     axes = json.loads(ds.attrs.get("grid_axes", "[]"))
-    for _label, sub in points:
-        row = {a: _num(sub[a].values.item()) for a in axes}
-        row["seeds"] = int(sub.sizes.get("seed", 0))
+    for _label, full in points:
+        row = {a: _num(full[a].values.item()) for a in axes}
+        row["seeds"] = int(full.sizes.get("seed", 0))
+        ok = _kept(full)
+        row["excluded seeds"] = int(ok.size - ok.sum())
+        sub = full.isel(seed=np.flatnonzero(ok)) if "seed" in full.dims else full
         if "loss_gd" in sub:
             row["final loss GD (median)"] = _nanmax_seedmedian(sub["loss_gd"].values[:, -1:], (1,))
         if "loss_flow" in sub:
@@ -283,24 +351,22 @@ def _table(points, ds):
                 sub["drift_flow"].values, (1, 2)
             )
         if "ledger_error" in sub:
-            row["ledger error (max)"] = float(np.nanmax(np.asarray(sub["ledger_error"].values)))
+            row["ledger error (max)"] = _nanmax(sub["ledger_error"].values)
         if "disc_parameter" in sub:
             row["max ‖θ_GD − θ_flow‖ (median)"] = _nanmax_seedmedian(
                 sub["disc_parameter"].values, (1,)
             )
-        if "gd_diverged_at" in sub:
-            row["GD diverged"] = int(np.sum(np.asarray(sub["gd_diverged_at"].values) >= 0))
-        if "flow_result" in sub:
-            row["flow failed"] = int(np.sum(np.asarray(sub["flow_result"].values) != 0))
+        if "gd_diverged_at" in full:
+            row["GD diverged"] = int(np.sum(np.asarray(full["gd_diverged_at"].values) >= 0))
+        if "flow_result" in full:
+            row["flow failed"] = int(np.sum(np.asarray(full["flow_result"].values) != 0))
         if "flow_error_estimate" in sub:
-            est = np.asarray(sub["flow_error_estimate"].values)
-            row["flow error estimate (max)"] = (
-                float(np.nanmax(est)) if np.any(~np.isnan(est)) else float("nan")
-            )
+            row["flow error estimate (max)"] = _nanmax(sub["flow_error_estimate"].values)
         if "flow_num_steps" in sub:
-            row["flow steps (mean)"] = float(np.mean(sub["flow_num_steps"].values))
-        if "wall_seconds" in sub:
-            row["wall s"] = float(sub["wall_seconds"].values)
+            steps = np.asarray(sub["flow_num_steps"].values, float)
+            row["flow steps (mean)"] = float(np.mean(steps)) if steps.size else float("nan")
+        if "wall_seconds" in full:
+            row["wall s"] = float(full["wall_seconds"].values)
         rows.append(row)
     return rows
 
@@ -334,16 +400,20 @@ def report(out, *, dest=None) -> list[pathlib.Path]:
     dest = pathlib.Path(dest) if dest is not None else out / "report"
     dest.mkdir(parents=True, exist_ok=True)
     seeds = int(ds.sizes.get("seed", 0))
+    kept = _kept_points(points)
+    excluded = sum(n for _, _, n in kept)
+    note = _excluded_note(points, kept)
+    shown = [(label, sub) for label, sub, _ in kept]
     written = []
     first = points[0][1]
     if "drift_gd" in first or "drift_flow" in first:
-        _fig_drift(points, dest / "drift.png", seeds)
+        _fig_drift(shown, dest / "drift.png", seeds, note)
         written.append(dest / "drift.png")
     if "disc_parameter" in first:
-        _fig_disc(points, ds, dest / "discretization.png", seeds)
+        _fig_disc(shown, ds, dest / "discretization.png", seeds, note)
         written.append(dest / "discretization.png")
     if "loss_gd" in first or "loss_flow" in first:
-        _fig_loss(points, dest / "loss.png", seeds)
+        _fig_loss(shown, dest / "loss.png", seeds, note)
         written.append(dest / "loss.png")
     rows = _table(points, ds)
     cols = list(dict.fromkeys(k for r in rows for k in r))
@@ -351,16 +421,41 @@ def report(out, *, dest=None) -> list[pathlib.Path]:
         w = csv.DictWriter(f, cols)
         w.writeheader()
         w.writerows(rows)
+    header = (
+        f"{ds.attrs.get('points_finished')} of {ds.attrs.get('points_total')} grid points "
+        f"finished; {seeds} seeds each; device: {ds.attrs.get('device', '?')}."
+    )
+    if excluded:
+        total = seeds * len(points)
+        header += (
+            f" {excluded} of {total} seeds excluded from the aggregates "
+            f"(GD diverged or flow failed; see the columns)."
+        )
     lines = [
         f"# Sweep report: {out}",
         "",
-        f"{ds.attrs.get('points_finished')} of {ds.attrs.get('points_total')} grid points "
-        f"finished; {seeds} seeds each; device: {ds.attrs.get('device', '?')}.",
+        header,
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",
     ]
     lines += ["| " + " | ".join(_fmt_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    empty = [
+        (label, r)
+        for (label, _), r in zip(points, rows)
+        if r["seeds"] and r["excluded seeds"] == r["seeds"]
+    ]
+    if excluded:
+        lines += [
+            "",
+            "Medians, maxima and means are over the seeds that neither diverged in GD nor "
+            'failed in the flow; the excluded seeds are counted in "excluded seeds".',
+        ]
+    for label, r in empty:
+        lines += [
+            "",
+            f"{label}: all {r['seeds']} seeds excluded, no aggregates (nan).",
+        ]
     lines += ["", "Figures: " + ", ".join(f"[{p.name}]({p.name})" for p in written), ""]
     (dest / "summary.md").write_text("\n".join(lines))
     written += [dest / "summary.md", dest / "summary.csv"]
