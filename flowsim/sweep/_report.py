@@ -398,7 +398,13 @@ def report(out, *, dest=None) -> list[pathlib.Path]:
     if not points:
         raise ConfigError(f"{out}: no finished grid point to report on yet")
     dest = pathlib.Path(dest) if dest is not None else out / "report"
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"{dest}: cannot hold the report ({e.strerror}); give a writable directory as "
+            f"`dest` (--dest)"
+        ) from None
     seeds = int(ds.sizes.get("seed", 0))
     kept = _kept_points(points)
     excluded = sum(n for _, _, n in kept)
