@@ -1,7 +1,8 @@
 """`flowsim reproduce`: every reproduction at its quick size asserts its verdicts.
 
-Each experiment runs once through the Python API (with few seeds); the CLI is exercised once on
-the cheapest one, plus its error paths.
+Each experiment runs once through the Python API at its default seed count (exactly what
+`flowsim reproduce NAME --quick` runs); the CLI is exercised once on the cheapest one, plus its
+error paths.
 """
 
 import json
@@ -11,29 +12,24 @@ import pytest
 from flowsim import reproduce
 from flowsim.cli import main as cli_main
 
-# Seeds per experiment at quick size: as few as still make the claims meaningful.
-QUICK_SEEDS = {
-    "du2018-fig1": 2,
-    "du2018-fig2": 1,
-    "du2018-thm31": 2,
-    "du2018-thm32": 32,
-    "ji2018-alignment": 1,
-    "boursier2022-orthogonal": 4,
-}
+NAMES = ("du2018-fig1", "du2018-fig2", "du2018-thm31", "du2018-thm32", "ji2018-alignment",
+         "boursier2022-orthogonal")
 
 
 def test_registry_lists_every_experiment():
-    assert set(reproduce.names()) == set(QUICK_SEEDS)
+    assert set(reproduce.names()) == set(NAMES)
 
 
-@pytest.mark.parametrize("name", list(QUICK_SEEDS))
+@pytest.mark.parametrize("name", NAMES)
 def test_quick_reproduction_passes(name, tmp_path):
-    report = reproduce.run(name, tmp_path, quick=True, seeds=QUICK_SEEDS[name])
+    report = reproduce.run(name, tmp_path, quick=True)
+    assert report.seeds == reproduce.EXPERIMENTS[name].default_seeds
     failed = [f"{c.name}: {c.measured:.4g} {c.relation} {c.threshold:.4g}"
               for c in report.claims if not c.passed]
     assert not failed, f"{name} quick verdicts failed: {failed}"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passed"] is True and summary["quick"] is True
+    assert summary["seeds"] == reproduce.EXPERIMENTS[name].default_seeds
     assert len(summary["claims"]) >= 3
     for c in summary["claims"]:
         assert {"name", "measured", "relation", "threshold", "passed"} <= set(c)
@@ -45,12 +41,12 @@ def test_quick_reproduction_passes(name, tmp_path):
 def test_cli_runs_and_lists(tmp_path, capsys):
     assert cli_main(["reproduce", "--list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in QUICK_SEEDS)
-    rc = cli_main(["reproduce", "du2018-thm32", "--quick", "--seeds", "32",
-                   "--out", str(tmp_path)])
+    assert all(name in out for name in NAMES)
+    rc = cli_main(["reproduce", "du2018-thm32", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "linear_rate" in out and "pass" in out
+    seeds = reproduce.EXPERIMENTS["du2018-thm32"].default_seeds
+    assert f"{seeds} seeds" in out and "linear_rate" in out and "pass" in out
     assert (tmp_path / "summary.json").exists() and (tmp_path / "thm32.png").exists()
 
 
