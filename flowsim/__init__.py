@@ -28,6 +28,7 @@ from ._flow import (
     FlowWarning as FlowWarning,
     gradient_flow as gradient_flow,
 )
+from ._precision import PrecisionWarning as PrecisionWarning
 from ._spectral import sharpness as sharpness
 from ._trajectory import Trajectory as Trajectory
 from .kinks import (

@@ -1,5 +1,6 @@
 """Gradient descent through optax, the whole loop one jit-compiled `lax.scan`."""
 
+import math
 import warnings
 from functools import partial
 
@@ -10,8 +11,25 @@ import numpy as np
 import optax
 
 from . import schedules
-from ._problem import check_loss, check_model, split_batch
+from ._precision import lowest_precision
+from ._problem import (
+    available_memory_bytes,
+    check_finite_loss_data,
+    check_finite_model,
+    check_loss,
+    check_model,
+    device_memory_bytes,
+    format_bytes,
+    split_batch,
+)
 from ._trajectory import Trajectory
+
+MAX_STEPS = 2**31 - 1
+"""The most steps one `gradient_descent` call takes: the step counters are int32."""
+
+PER_STEP_BYTES = 24
+"""Bytes each step costs whatever `save_every`: the step indices, learning rates and flow
+times, 8 bytes each (`Trajectory.learning_rates` keeps the rates)."""
 
 
 class DivergenceWarning(RuntimeWarning):
@@ -40,12 +58,20 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _cast_schedule(schedule, dtype, k):
+    return jnp.asarray(schedule(k), dtype)
+
+
 def _unit_increments(grads, eta):
     return tuple(eta**2 * (jnp.sum(gi**2, -1) - jnp.sum(go**2, -1))
                  for gi, go in grads.hidden_units())
 
 
-def _single(params, static, loss, schedule, steps: int, save_every: int, with_ledger: bool):
+def _single(params, static, loss, schedule, steps: int, save_every: int, with_ledger: bool,
+            dtype):
+    # The step size in the parameters' precision: a float64 schedule must not promote a float32
+    # model's updates (or its ledger) out of the scan carry's dtype.
+    schedule = partial(_cast_schedule, schedule, dtype)
     tx = optax.sgd(schedule)
 
     def value_and_grad(p):
@@ -66,7 +92,8 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
         opt_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt_state, opt_state)
         if with_ledger:
             inc = _unit_increments(eqx.combine(g, static), schedule(k))
-            ledger = jax.tree.map(lambda c, d: c + jnp.where(keep, d, 0.0), ledger, inc)
+            ledger = jax.tree.map(lambda c, d: c + jnp.where(keep, d, 0.0).astype(c.dtype),
+                                  ledger, inc)
         value = jnp.where(alive & loss_ok, value, jnp.nan)
         return (p, opt_state, ledger, div), value
 
@@ -99,9 +126,69 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
 
 
 @eqx.filter_jit
-def _gd_solve(params, static, loss, schedule, steps, save_every, batched, with_ledger):
+def _schedule_values(schedule, steps):
+    return jax.vmap(schedule)(jnp.arange(steps))
+
+
+def _check_schedule(schedule, steps: int) -> None:
+    """ValueError at the first step k < steps whose eta_k is not positive and finite."""
+    etas = _schedule_values(schedule, steps)
+    if isinstance(etas, jax.core.Tracer):
+        return
+    etas = np.asarray(etas)
+    bad = ~(np.isfinite(etas) & (etas > 0))
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad)[0])
+    raise ValueError(
+        f"`learning_rate` schedule must give a positive finite step size at every step "
+        f"0..{steps - 1}, got eta_k = {etas[k]} at step k = {k} (first of {int(bad.sum())}); "
+        f"make the schedule positive over all `steps` (e.g. clip it) or run fewer steps"
+    )
+
+
+def _check_memory(params, steps: int, save_every: int, batch: int | None,
+                  with_ledger: bool) -> None:
+    """ValueError when the run's arrays would not fit in the memory available."""
+    lanes = 1 if batch is None else batch
+    shapes = [(x.shape[1:] if batch is not None else x.shape, x.dtype.itemsize)
+              for x in jax.tree.leaves(params)]
+    per_save = sum(math.prod(shape) * size for shape, size in shapes) + 8  # iterate + loss
+    if with_ledger:  # one gap per hidden unit: at most one per row of a parameter array
+        per_save += sum(shape[0] if shape else 1 for shape, _ in shapes) * 8
+    saves = steps // save_every + 1
+    per_step = PER_STEP_BYTES * steps
+    saved = saves * per_save * lanes
+    need = per_step + saved
+    limits = [available_memory_bytes()]
+    device = device_memory_bytes()
+    if device is not None:
+        limits.append(device)
+    have = min(limits)
+    if need <= have:
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"`steps` must be at most {MAX_STEPS} (2**31 - 1, the int32 step counter), got "
+                f"{steps}; split the run into several calls, each continuing from "
+                f"traj.final_model()"
+            )
+        return
+    fix = (f"run fewer steps (the per-step arrays alone take {format_bytes(per_step)}), "
+           f"e.g. in several calls each continuing from traj.final_model()"
+           if per_step > have / 2 else
+           f"save fewer iterates (a larger `save_every`, now {save_every}) or run fewer steps")
+    raise ValueError(
+        f"`steps`={steps} with save_every={save_every} needs ~{format_bytes(need)} "
+        f"({format_bytes(per_step)} of per-step learning rates and times, "
+        f"{format_bytes(saved)} for {saves} saved iterates) but {format_bytes(have)} of memory "
+        f"is available; {fix}"
+    )
+
+
+@eqx.filter_jit
+def _gd_solve(params, static, loss, schedule, steps, save_every, batched, with_ledger, dtype):
     run = partial(_single, static=static, loss=loss, schedule=schedule, steps=steps,
-                  save_every=save_every, with_ledger=with_ledger)
+                  save_every=save_every, with_ledger=with_ledger, dtype=dtype)
     if batched:
         run = jax.vmap(run)
     saved_p, saved_loss, ledger, div = run(params)
@@ -134,8 +221,12 @@ def gradient_descent(
     - `loss`: a callable `model -> scalar`, e.g. from `flowsim.losses`.
     - `steps`: number of GD steps K; iterates 0, s, 2s, ..., K are saved (s = `save_every`).
     - `learning_rate`: a positive float (constant step) or an optax schedule `k -> eta_k`, e.g.
-      `flowsim.schedules.power_decay(eta0, delta)`.
-    - `save_every`: save every s-th iterate; must divide `steps`.
+      `flowsim.schedules.power_decay(eta0, delta)`; the schedule must be positive and finite at
+      every step k = 0..steps-1 (checked before the descent runs). The steps are taken in the
+      model's precision (a float32 model: float32 step sizes and updates).
+    - `save_every`: save every s-th iterate; must divide `steps`. The run keeps 24 bytes per
+      step (`learning_rates`, flow times) plus every saved iterate; a run that would not fit in
+      the memory available is refused.
     - `batched`: run a batch of initialisations in one compiled call (vmap).
     - `throw`: raise `FloatingPointError` if a trajectory diverges; by default a
       `DivergenceWarning` names the trajectories and steps and the results are returned.
@@ -143,6 +234,12 @@ def gradient_descent(
     **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `steps`, `diverged_at`,
     `ledger` (the GD drift ledger, see `flowsim.invariants.gd_drift_ledger`) and
     `learning_rates`.
+
+    **Raises:** `ValueError` for bad arguments: NaN or inf in the initial model or the loss's
+    data arrays (checked where they are concrete, not under tracing), a schedule not positive
+    and finite at some step (naming the first), `steps` above 2**31 - 1 or a run needing more
+    memory than is available (naming both); `FloatingPointError` on divergence with
+    `throw=True`.
 
     **Example:**
 
@@ -166,10 +263,15 @@ def gradient_descent(
     schedule = _as_schedule(learning_rate)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     batch = check_model(params, batched)
+    check_finite_model(params, batched)
+    check_finite_loss_data(loss)
     check_loss(loss, split_batch(params, static, batched))
     with_ledger = hasattr(model, "hidden_units")
+    _check_memory(params, int(steps), int(save_every), batch, with_ledger)
+    _check_schedule(schedule, int(steps))
     saved_p, saved_loss, ledger, div, etas, ts, save_steps = _gd_solve(
-        params, static, loss, schedule, int(steps), int(save_every), batched, with_ledger
+        params, static, loss, schedule, int(steps), int(save_every), batched, with_ledger,
+        lowest_precision(params),
     )
     if batched:
         ts = jnp.broadcast_to(ts, (batch, ts.shape[0]))

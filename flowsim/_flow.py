@@ -19,7 +19,14 @@ import optimistix as optx
 from . import invariants as inv
 from ._exact.solve import exact_flow
 from ._kinks import supports_kinks
-from ._problem import check_loss, check_model, split_batch
+from ._precision import PrecisionWarning, warn_tolerance_precision
+from ._problem import (
+    check_finite_loss_data,
+    check_finite_model,
+    check_loss,
+    check_model,
+    split_batch,
+)
 from ._spectral import sharpness
 from ._trajectory import Trajectory
 from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
@@ -83,6 +90,27 @@ exact-kink path and 0.95 on the smooth one through 8 crossings (tests/test_error
 the error shrinks more slowly than the tolerance the estimate is low: over the Fig 2 flow to
 t = 20 the smooth solve's error falls only ~3.3x per decade of tolerance, and the estimate
 may be up to ~30 % low there (docs/kinks.md).
+"""
+
+DIVERGED = -3
+"""`Trajectory.result` of a flow that diverged (see `DIVERGENCE_LOSS_DROP`)."""
+
+DIVERGENCE_LOSS_DROP = 1e6
+"""A failed smooth solve counts as diverged (`DIVERGED`) when, at the time it reached, its
+state or loss is not finite, or its loss has fallen below L(theta_0) by more than this many
+times the scale S = |L(theta_0)| + ||g_0|| ||theta_0|| + ||g_0||^2 (t1 - t0) (g_0: the gradient
+at theta_0; the loss, its first-order change over a move of theta_0's size, and its decrease at
+the initial speed over the horizon). A solve that succeeded but whose loss is not finite at a
+saved time is diverged too.
+
+The loss of a gradient flow only decreases, and a flow can only run off to infinity in finite
+time if its loss falls without bound (dL/dt = -||grad L||^2 bounds the path length by the loss
+decrease), so a loss bounded below by L_min never falls by more than L(theta_0) - L_min: for
+losses >= 0, such as every loss in `flowsim.losses`, at most S. A finite-time blow-up drives
+the loss to -inf, and the solver stalls just before the blow-up with a huge but finite state
+when it cannot resolve the time any finer (dtheta/dt = theta^3 from theta_0 = 1 with Kvaerno5:
+theta ~ 4e6, L ~ -6e25 at t = 0.5 - 1e-14, against S = 2.25), or with a non-finite one.
+S makes the test independent of the units of the loss, parameters and time.
 """
 
 _EXPLICIT = {
@@ -205,6 +233,31 @@ def _counting_field(grad, token, member):
 
 
 @eqx.filter_jit
+def _divergence_probe(p0, p_end, static, loss, t0, t1, batched):
+    """What `DIVERGENCE_LOSS_DROP`'s test needs: the state's finiteness and the loss at the end
+    (the time reached), L(theta_0) and the scale S. Evaluated only after a failed solve."""
+    if batched:
+        return jax.vmap(lambda a, b: _divergence_probe_one(a, b, static, loss, t0, t1))(p0, p_end)
+    return _divergence_probe_one(p0, p_end, static, loss, t0, t1)
+
+
+def _divergence_probe_one(p0, p_end, static, loss, t0, t1):
+    value = lambda q: loss(eqx.combine(q, static))  # noqa: E731
+    loss0, g0 = eqx.filter_value_and_grad(value)(p0)
+    loss_end = value(p_end)
+
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+
+    dtype = loss0.dtype
+    g_norm = norm(g0).astype(dtype)
+    scale = jnp.abs(loss0) + g_norm * norm(p0).astype(dtype) + g_norm**2 * (t1 - t0).astype(dtype)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p_end)]))
+    return {"finite": finite & jnp.isfinite(loss_end), "loss_end": loss_end, "loss0": loss0,
+            "scale": scale}
+
+
+@eqx.filter_jit
 def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched,
                 token=None, progress=False):
     grad = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))
@@ -219,14 +272,14 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
             term, solver, t0, t1, dt0, p,
             saveat=dfx.SaveAt(subs=[
                 dfx.SubSaveAt(ts=ts),
-                dfx.SubSaveAt(t1=True, fn=lambda t, y, args: t),
+                dfx.SubSaveAt(t1=True, fn=lambda t, y, args: (t, y)),
             ]),
             stepsize_controller=controller,
             max_steps=max_steps,
             throw=False,
             progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
         )
-        saved, t_reached = sol.ys
+        saved, (t_reached, y_end) = sol.ys
         losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))(saved)
         stats = {
             "num_steps": sol.stats["num_steps"],
@@ -234,7 +287,7 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
             "num_rejected_steps": sol.stats["num_rejected_steps"],
             "t_reached": t_reached[-1],
         }
-        return saved, losses, sol.result._value, stats
+        return saved, losses, sol.result._value, stats, jax.tree.map(lambda y: y[-1], y_end)
 
     if batched:
         batch = jax.tree.leaves(params)[0].shape[0]
@@ -280,7 +333,11 @@ def gradient_flow(
       problems; their Jacobian is -Hessian, dense up to `DENSE_JACOBIAN_MAX` parameters and
       matrix-free — Newton with GMRES on Hessian-vector products — above), or `"auto"`:
       Kvaerno5 if sharpness(theta_0) * (t1 - t0) > `STIFFNESS_THRESHOLD`, else Tsit5.
-    - `rtol`, `atol`: the step controller's tolerances.
+    - `rtol`, `atol`: the step controller's tolerances. The solve runs in the model's
+      precision: for a float32 (or lower) model, tolerances below 100 x its machine epsilon
+      (`flowsim._precision.PRECISION_FACTOR`; 1.2e-5 for float32) cannot be met and a
+      `flowsim.PrecisionWarning` says what accuracy to expect; convert with
+      `jax.tree.map(lambda x: x.astype(jnp.float64), model)` and float64 loss data for more.
     - `max_steps`: bound on the number of steps (static; failure beyond it).
     - `dt0`: initial step; default chosen by diffrax.
     - `batched`: integrate a batch of initialisations in one compiled call (vmap).
@@ -334,7 +391,12 @@ def gradient_flow(
     Implicit solvers step exactly onto `ts` (their dense output is only third order); explicit
     ones interpolate with their own high-order dense output.
 
-    **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `result` (0 = success) and
+    **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `result` (0 = success;
+    positive: diffrax's `RESULTS` index, 1 = max_steps reached; -1: more kink events than
+    `max_events`; -2: the piecewise solve stopped before t1; -3 = `DIVERGED`: the flow diverged,
+    its state or loss not finite or its loss falling without bound, as in a finite-time
+    blow-up of a loss unbounded below: see `DIVERGENCE_LOSS_DROP`; `stats["t_reached"]` is the
+    time reached) and
     `stats` (`num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_grad_evals` for
     explicit solvers (stages x steps + 1) or with `count_evals`, then also `num_hvp_evals`;
     with exact kinks `num_events`, `num_crossings`, `num_sliding_intervals`, `num_releases`,
@@ -344,7 +406,11 @@ def gradient_flow(
     conserves the gaps, so a drift above the tolerance flags a solve to distrust; a small
     drift does not bound the error, for which see `error_estimate`).
 
-    **Raises:** `ValueError` for bad arguments; `FlowFailed` (with `throw=True`) naming the cause.
+    **Raises:** `ValueError` for bad arguments, among them NaN or inf in `t0`, `t1`, `ts`, the
+    initial model or the loss's data arrays (checked before any solve, where the arrays are
+    concrete, not under tracing); `FlowFailed` (with `throw=True`) naming the cause: a
+    divergence says so with the time reached. **Warns:** `flowsim.PrecisionWarning` (see
+    `rtol`), `flowsim.FlowWarning` for failures with `throw=False`.
 
     **Example:**
 
@@ -357,7 +423,9 @@ def gradient_flow(
     ```
     """
     t0, t1 = float(t0), float(t1)
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+    if not math.isfinite(t0):
+        raise ValueError(f"`t0` must be finite, got {t0}; pass a finite start time (default 0.0)")
+    if not (math.isfinite(t1) and t1 > t0):
         raise ValueError(f"`t1` must be finite and greater than t0={t0}, got {t1}")
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
@@ -366,6 +434,8 @@ def gradient_flow(
         raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
     params, static = eqx.partition(model, eqx.is_inexact_array)
     batch = check_model(params, batched)
+    check_finite_model(params, batched)
+    check_finite_loss_data(loss)
     check_loss(loss, split_batch(params, static, batched))
     dtype = jax.tree.leaves(params)[0].dtype
     if ts is None:
@@ -376,8 +446,15 @@ def gradient_flow(
             raise ValueError(
                 f"`ts` must be a non-empty 1-d sequence of times, got shape {ts_arr.shape}"
             )
+        if not np.all(np.isfinite(ts_arr)):
+            k = int(np.flatnonzero(~np.isfinite(ts_arr))[0])
+            raise ValueError(
+                f"`ts` must hold finite times, got {ts_arr[k]} at index {k}; pass save times "
+                f"in [t0, t1] = [{t0}, {t1}]"
+            )
         if np.any(np.diff(ts_arr) < 0) or ts_arr[0] < t0 or ts_arr[-1] > t1:
             raise ValueError(f"`ts` must be non-decreasing and within [t0, t1] = [{t0}, {t1}]")
+    warn_tolerance_precision(params, rtol, atol)
     n_params = _n_params(params, batched)
     # Tolerances as arrays: traced, so a new rtol / atol does not recompile the solve.
     rtol_j, atol_j = jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype)
@@ -414,6 +491,7 @@ def gradient_flow(
             "`checkpoint` is for the exact-kink path (kinks='exact', or 'auto' on a small ReLU "
             "problem), but this solve is smooth; drop checkpoint or pass kinks='exact'"
         )
+    probe = None
     if exact:
         saved, losses, result, stats, events = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps, max_events,
@@ -426,7 +504,7 @@ def gradient_flow(
             lanes = batch if batched else 1
             _COUNTS[token] = {"grad": np.zeros(lanes, np.int64), "hvp": np.zeros(lanes, np.int64)}
         try:
-            saved, losses, result, stats = _flow_solve(
+            saved, losses, result, stats, y_end = _flow_solve(
                 params, static, loss, solver, controller, jnp.asarray(t0, dtype),
                 jnp.asarray(t1, dtype), ts_j, None if dt0 is None else jnp.asarray(dt0, dtype),
                 max_steps, batched, None if token is None else jnp.asarray(token, jnp.int32),
@@ -443,10 +521,14 @@ def gradient_flow(
             })
         elif stages is not None:
             stats = dict(stats, num_grad_evals=stages * stats["num_steps"] + 1)
+        if not isinstance(result, jax.core.Tracer) and bool(jnp.any(result != 0)):
+            probe = _divergence_probe(params, y_end, static, loss, jnp.asarray(t0, dtype),
+                                      jnp.asarray(t1, dtype), batched)
     stats = dict(stats, max_steps=jnp.full_like(result, max_steps))
     single = split_batch(params, static, batched)
     if getattr(single, "is_homogeneous", False) and getattr(single, "activations", ()):
         stats["layer_gap_drift"] = _layer_gap_drift(eqx.combine(saved, static), batched)
+    result, details = _divergence(result, losses, ts_j, stats["t_reached"], probe)
     traj = Trajectory(
         ts=jnp.broadcast_to(ts_j, (batch, ts_j.shape[0])) if batched else ts_j,
         models=eqx.combine(saved, static),
@@ -458,10 +540,11 @@ def gradient_flow(
         kinks="exact" if exact else ("smooth" if _has_kinks(model) else None),
         events=events,
     )
-    _report_failures(traj, throw, max_steps)
+    _report_failures(traj, throw, max_steps, details, t0)
     if error_estimate:
         with warnings.catch_warnings():  # its failures are reported below, as the estimate's
             warnings.simplefilter("ignore", FlowWarning)
+            warnings.simplefilter("ignore", PrecisionWarning)  # said once, for the first solve
             tight = gradient_flow(
                 model, loss, t1, t0=t0, ts=ts_arr, solver=chosen,
                 rtol=rtol / ERROR_ESTIMATE_FACTOR, atol=atol / ERROR_ESTIMATE_FACTOR,
@@ -579,17 +662,66 @@ def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps,
     return saved, loss_vals, result, stats, events
 
 
-def _report_failures(traj: Trajectory, throw: bool, max_steps: int) -> None:
+def _divergence(result, losses, ts, t_reached, probe):
+    """`result` with `DIVERGED` where the flow diverged (`DIVERGENCE_LOSS_DROP`), and for those
+    trajectories the reason, {index: text}. Traced results (under jit / vmap) are left as they
+    are."""
+    if any(isinstance(x, jax.core.Tracer) for x in (result, losses, t_reached)):
+        return result, {}
+    code = np.atleast_1d(np.asarray(result))
+    loss = np.asarray(losses).reshape(code.shape[0], -1)
+    reached = np.asarray(ts).reshape(1, -1) <= np.atleast_1d(np.asarray(t_reached))[:, None]
+    bad_saved = np.any(reached & ~np.isfinite(loss), axis=1)
+    diverged = bad_saved.copy()
+    reasons = {int(i): "non-finite state or loss" for i in np.flatnonzero(bad_saved)}
+    if probe is not None:
+        finite = np.atleast_1d(np.asarray(probe["finite"]))
+        loss_end = np.atleast_1d(np.asarray(probe["loss_end"]))
+        loss0 = np.atleast_1d(np.asarray(probe["loss0"]))
+        scale = np.atleast_1d(np.asarray(probe["scale"]))
+        failed = code != 0
+        with np.errstate(invalid="ignore", over="ignore"):
+            fell = (loss0 - loss_end) > DIVERGENCE_LOSS_DROP * scale
+        for i in np.flatnonzero(failed & ~finite):
+            reasons.setdefault(int(i), "non-finite state or loss")
+        for i in np.flatnonzero(failed & finite & fell):
+            reasons[int(i)] = (f"loss fell from {loss0[i]:.6g} to {loss_end[i]:.6g}, without "
+                               f"bound")
+        diverged |= failed & (~finite | fell)
+    if not diverged.any():
+        return result, {}
+    new = np.where(diverged, DIVERGED, code).astype(np.asarray(result).dtype)
+    return jnp.asarray(new.reshape(np.shape(result))), reasons
+
+
+def _report_failures(traj: Trajectory, throw: bool, max_steps: int, details=None,
+                     t0: float | None = None) -> None:
     result = np.atleast_1d(np.asarray(traj.result))
     bad = np.flatnonzero(result != 0)
     if bad.size == 0:
         return
+    details = details or {}
+    t_reached = np.atleast_1d(np.asarray(traj.stats.get("t_reached", np.nan)))
+    t_reached = np.broadcast_to(t_reached, result.shape)
     msgs = []
     for i in bad[:5]:
         code = int(result[i])
-        msgs.append(f"trajectory {i}: {_result_message(code)}")
+        if code == DIVERGED:
+            why = details.get(int(i), "non-finite state or loss")
+            msgs.append(f"trajectory {i}: diverged ({why}) at t = {t_reached[i]:.10g}")
+        else:
+            msgs.append(f"trajectory {i}: {_result_message(code)}")
     advice = []
-    if not all(int(result[i]) == -1 for i in bad):  # not only the kink event budget ran out
+    if any(int(result[i]) == DIVERGED for i in bad):
+        t_min = min(float(t_reached[i]) for i in bad if int(result[i]) == DIVERGED)
+        if t0 is not None and t_min <= t0:
+            advice.append("the loss or its gradient is not finite at the initial model; check "
+                          "the loss and its data")
+        else:
+            advice.append(f"the flow diverges: the loss is unbounded below or the flow blows up "
+                          f"in finite time; check the loss (and its data) or stop before the "
+                          f"blow-up with t1 < {t_min:.6g}")
+    if not all(int(result[i]) in (-1, DIVERGED) for i in bad):  # not only events / divergence
         advice.append(f"increase max_steps (now {max_steps}), loosen rtol/atol, or pick a stiff "
                       f"solver (solver='kvaerno5') if the problem is stiff")
     advice.append("pass throw=False to keep the other results" if throw else
@@ -610,6 +742,8 @@ def _result_message(code: int) -> str:
         return "more kink events than max_events; raise max_events or use kinks='smooth'"
     if code == -2:
         return "the piecewise solve stopped before t1"
+    if code == DIVERGED:
+        return "diverged (non-finite state or loss, or a loss falling without bound)"
     messages = dfx.RESULTS._index_to_message
     msg = messages[code] if 0 <= code < len(messages) else f"result code {code}"
     return msg.split("\n")[0].rstrip(".")

@@ -1,8 +1,12 @@
-"""Validation shared by the solvers: a model (or batch of models) and a loss that fit together."""
+"""Validation shared by the solvers: a model (or batch of models) and a loss that fit together,
+finite inputs, and the memory a run may ask for."""
+
+import os
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_model(params, batched: bool) -> int | None:
@@ -39,3 +43,111 @@ def check_loss(loss, model) -> None:
             f"`loss` must return a floating scalar, got {getattr(out, 'shape', out)} "
             f"{getattr(out, 'dtype', '')}"
         )
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _first_bad(x) -> str:
+    """'NaN at index (i, j)' (or 'inf') for the first non-finite entry of a concrete array."""
+    arr = np.asarray(x)
+    flat = int(np.flatnonzero(~np.isfinite(arr))[0])
+    value = arr.ravel()[flat]
+    where = np.unravel_index(flat, arr.shape) if arr.ndim else ()
+    index = tuple(int(i) for i in where)
+    kind = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return f"{kind} at index {index[0] if len(index) == 1 else index}" if index else kind
+
+
+def check_finite_data(x, name: str) -> None:
+    """A ValueError naming `name` if the (concrete) array `x` holds NaN or inf."""
+    if not _is_concrete(x) or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+        return
+    if bool(jnp.all(jnp.isfinite(x))):
+        return
+    count = int(jnp.sum(~jnp.isfinite(x)))
+    raise ValueError(
+        f"`{name}` has {count} non-finite {'entry' if count == 1 else 'entries'} (first: "
+        f"{_first_bad(x)}); remove or impute them before building the loss"
+    )
+
+
+def check_finite_model(params, batched: bool) -> None:
+    """A ValueError naming the array (and batch member) of the initial model that is not finite.
+
+    Skipped for traced arrays (under `jax.jit` / `jax.vmap` of a solver call)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, x in leaves:
+        if not _is_concrete(x) or bool(jnp.all(jnp.isfinite(x))):
+            continue
+        member = ""
+        if batched and x.ndim:
+            bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(x)).reshape(x.shape[0], -1), 1))
+            member = f" (batch member {int(bad[0])})"
+            x = x[int(bad[0])]
+        raise ValueError(
+            f"the initial `model`{member} has a non-finite parameter: "
+            f"model{jax.tree_util.keystr(path)} holds {_first_bad(x)}; initialise the model "
+            f"with finite values (e.g. from flowsim.models or flowsim.init)"
+        )
+
+
+def check_finite_loss_data(loss) -> None:
+    """A ValueError naming the data array of a loss module (its fields, e.g. `loss.X`) that holds
+    NaN or inf; losses that are not Equinox modules are not inspected."""
+    if not isinstance(loss, eqx.Module):
+        return
+    arrays = eqx.filter(loss, eqx.is_inexact_array)
+    for path, x in jax.tree_util.tree_leaves_with_path(arrays):
+        if not _is_concrete(x) or bool(jnp.all(jnp.isfinite(x))):
+            continue
+        count = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(
+            f"the loss data `loss{jax.tree_util.keystr(path)}` has {count} non-finite "
+            f"{'entry' if count == 1 else 'entries'} (first: {_first_bad(x)}); remove or impute "
+            f"them and build the loss again"
+        )
+
+
+def available_memory_bytes() -> int:
+    """Host memory available to a new allocation, in bytes.
+
+    `MemAvailable` of /proc/meminfo (Linux: free memory plus reclaimable caches), else the free
+    physical pages (`os.sysconf`), else the total physical memory; 2**63 - 1 (no limit) when
+    none of them can be read.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return int(os.sysconf(pages)) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            continue
+    return 2**63 - 1
+
+
+def device_memory_bytes() -> int | None:
+    """Free memory of the default device where it reports it (GPUs: `bytes_limit - bytes_in_use`),
+    else None (CPU: the host's memory is the device's)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes in B / kB / MB / GB / TB (powers of 1000), three significant digits."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"

@@ -21,7 +21,12 @@ class Trajectory(eqx.Module):
     - `steps`: for gradient descent, the iteration index k of each saved state, shape `(T,)`.
     - `diverged_at`: gradient descent only: the first step whose loss or iterate is not finite,
       or -1; shape `()` or `(B,)`. Later saved states repeat the last finite iterate, with loss NaN.
-    - `result`: gradient flow only: diffrax's result code per trajectory (0 = successful).
+    - `result`: gradient flow only: the result code per trajectory: 0 = successful; positive:
+      diffrax's `RESULTS` index (1: max_steps reached); -1: more kink events than `max_events`;
+      -2: the piecewise (exact-kink) solve stopped before t1; -3: diverged (non-finite state or
+      loss, or a loss falling without bound, as in a finite-time blow-up), with the time
+      reached in `stats["t_reached"]`. Saved times after the time reached hold diffrax's fill
+      value (inf) and the loss there.
     - `stats`: solver statistics per trajectory (e.g. `num_steps`, `num_rejected_steps`,
       `num_grad_evals`, `num_hvp_evals`).
     - `ledger`: gradient descent only: for each hidden layer, the cumulative change of every
@@ -51,7 +56,8 @@ class Trajectory(eqx.Module):
 
     @property
     def succeeded(self) -> Bool[Array, "*batch"]:
-        """True for each trajectory that finished without divergence or solver failure."""
+        """True for each trajectory that finished without divergence or solver failure (`result`
+        0, `diverged_at` -1)."""
         if self.diverged_at is not None:
             return self.diverged_at < 0
         assert self.result is not None

@@ -5,12 +5,15 @@ sees new data of the same shape without recompiling. Any other callable `model -
 wherever flowsim takes a loss.
 """
 
+import math
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from ._precision import as_float_array
+from ._problem import check_finite_data
 
 __all__ = ["balancing", "factorization", "logistic", "square"]
 
@@ -100,11 +103,13 @@ def square(X, Y) -> eqx.Module:
 
     **Returns:** a callable `loss(model) -> scalar`.
 
-    **Raises:** `ValueError` if the sample counts differ (here) or if the model's output shape
-    does not match `Y` (when the loss is first evaluated).
+    **Raises:** `ValueError` if `X` or `Y` holds NaN or inf, if the sample counts differ (here)
+    or if the model's output shape does not match `Y` (when the loss is first evaluated).
     """
     X = as_float_array(X, "X")
     Y = as_float_array(Y, "Y")
+    check_finite_data(X, "X")
+    check_finite_data(Y, "Y")
     _check_samples(X, Y, "Y")
     return _Square(X, Y)
 
@@ -112,10 +117,13 @@ def square(X, Y) -> eqx.Module:
 def logistic(X, y) -> eqx.Module:
     """Logistic loss L = 1/n sum_i log(1 + exp(-y_i f(x_i))), labels y_i in {-1, +1}.
 
-    **Raises:** `ValueError` if labels are not +-1 or the sample counts differ.
+    **Raises:** `ValueError` if `X` or `y` holds NaN or inf, labels are not +-1 or the sample
+    counts differ.
     """
     X = as_float_array(X, "X")
     y = as_float_array(y, "y")
+    check_finite_data(X, "X")
+    check_finite_data(y, "y")
     _check_samples(X, y, "y")
     if y.ndim != 1:
         raise ValueError(f"`y` must have shape (n,), got {y.shape}")
@@ -127,8 +135,12 @@ def logistic(X, y) -> eqx.Module:
 
 
 def factorization(M) -> eqx.Module:
-    """Matrix factorization loss L = 1/2 ||f - M||_F^2 on the model's end-to-end matrix."""
+    """Matrix factorization loss L = 1/2 ||f - M||_F^2 on the model's end-to-end matrix.
+
+    **Raises:** `ValueError` if `M` is not a matrix or holds NaN or inf.
+    """
     M = as_float_array(M, "M")
+    check_finite_data(M, "M")
     if M.ndim != 2:
         raise ValueError(f"`M` must be a matrix, got shape {M.shape}")
     return _Factorization(M)
@@ -141,4 +153,6 @@ def balancing(loss, lam: float) -> eqx.Module:
     """
     if not lam >= 0:
         raise ValueError(f"`lam` must be non-negative, got {lam}")
+    if not math.isfinite(lam):
+        raise ValueError(f"`lam` must be finite, got {lam}")
     return _Balanced(loss, jnp.asarray(lam, dtype=float))
