@@ -1,0 +1,157 @@
+"""Rosenbrock solvers (flowsim._rosenbrock): orders, a closed-form flow, stiffness, vmap."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import scipy.integrate
+from jax.flatten_util import ravel_pytree
+
+import flowsim
+from flowsim._rosenbrock import ROS34PW2, Rodas5P
+from flowsim.models import MatrixFactorization
+
+from .helpers import tree_max_abs_diff
+
+# (solver, order of the method); ROS34PW2 with max_age=4 reuses a stale Jacobian for up to
+# 4 steps, which a W-method's order must not notice.
+SOLVERS = [(Rodas5P(), 5), (ROS34PW2(max_age=1), 3), (ROS34PW2(max_age=4), 3)]
+IDS = ["rodas5p", "ros34pw2-fresh", "ros34pw2-age4"]
+
+
+def _vf(t, y, args):
+    # Non-autonomous (tests the stage times c_i and the d_i h df/dt terms), nonlinear, with a
+    # Jacobian that changes along the solution, on a PyTree state.
+    return {"a": -2.0 * (y["a"] - jnp.sin(t)) + jnp.cos(t),
+            "b": 2.0 * y["b"] * (1.0 - y["b"]),
+            "c": -y["c"] ** 3}
+
+
+Y0 = {"a": 1.0, "b": 0.1, "c": 1.0}
+
+
+def _exact(t):
+    return {"a": np.exp(-2.0 * t) * Y0["a"] + np.sin(t),
+            "b": 1.0 / (1.0 + (1.0 / Y0["b"] - 1.0) * np.exp(-2.0 * t)),
+            "c": 1.0 / np.sqrt(2.0 * t + 1.0 / Y0["c"] ** 2)}
+
+
+def _y0():
+    return {k: jnp.asarray(v) for k, v in Y0.items()}
+
+
+def _max_err(y, ref):
+    return max(abs(float(y[k]) - float(ref[k])) for k in ref)
+
+
+def _slope(hs, errs):
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+@pytest.mark.parametrize("solver,order", SOLVERS, ids=IDS)
+def test_order_of_convergence(solver, order):
+    # Fixed steps (diffrax's test_ode_order): the global error at T shrinks as h^order.
+    T = 1.0
+    ns = [16, 32, 64, 128] if order == 5 else [32, 64, 128, 256]
+    errs = []
+    for n in ns:
+        sol = dfx.diffeqsolve(dfx.ODETerm(_vf), solver, 0.0, T, T / n, _y0(),
+                              stepsize_controller=dfx.ConstantStepSize(), max_steps=256)
+        errs.append(_max_err(jax.tree.map(lambda x: x[-1], sol.ys), _exact(T)))
+    fitted = _slope([T / n for n in ns], errs)
+    assert abs(fitted - order) <= 0.2, f"fitted order {fitted:.3f}, nominal {order}; {errs}"
+
+
+@pytest.mark.parametrize("solver,order", SOLVERS, ids=IDS)
+def test_order_of_error_estimate(solver, order):
+    # The embedded method has order `order - 1`, so one step's error estimate is O(h^order):
+    # the exponent diffrax's controller uses (`error_order`).
+    assert solver.error_order(dfx.ODETerm(_vf)) == order
+    term, t0 = dfx.ODETerm(_vf), 0.3
+    y0 = {k: jnp.asarray(v) for k, v in _exact(t0).items()}
+    state = solver.init(term, t0, t0 + 0.1, y0, None)
+    hs = [0.08, 0.04, 0.02, 0.01]
+    ests = []
+    for h in hs:
+        _, err, _, _, _ = solver.step(term, t0, t0 + h, y0, None, state, False)
+        ests.append(float(jnp.linalg.norm(ravel_pytree(err)[0])))
+    fitted = _slope(hs, ests)
+    assert abs(fitted - order) <= 0.2, f"estimate ~ h^{fitted:.3f}, expected h^{order}; {ests}"
+
+
+@pytest.mark.parametrize("solver", [Rodas5P(), ROS34PW2()], ids=["rodas5p", "ros34pw2"])
+def test_closed_form_balanced_factorization(solver):
+    # Diagonal target, balanced init U = V = E diag(sqrt(a0)): each mode obeys a' = 2a(s - a),
+    # a(t) = s / (1 + (s/a0 - 1) exp(-2 s t)); a0/s down to 3e-4 covers the sigmoidal
+    # transition. The solution at `ts` comes from the solver's dense output.
+    s = jnp.array([3.0, 1.0, 0.5])
+    a0 = jnp.array([1e-3, 1e-2, 1e-1])
+    M = jnp.zeros((6, 5)).at[jnp.arange(3), jnp.arange(3)].set(s)
+    U0 = jnp.zeros((6, 3)).at[jnp.arange(3), jnp.arange(3)].set(jnp.sqrt(a0))
+    V0 = jnp.zeros((5, 3)).at[jnp.arange(3), jnp.arange(3)].set(jnp.sqrt(a0))
+    ts = jnp.linspace(0.0, 10.0, 11)
+    traj = flowsim.gradient_flow(MatrixFactorization(U0, V0), flowsim.losses.factorization(M),
+                                 10.0, ts=ts, solver=solver, rtol=1e-12, atol=1e-12)
+    P = traj.models.U @ jnp.swapaxes(traj.models.V, -1, -2)
+
+    def exact(t):
+        a = s / (1 + (s / a0 - 1) * jnp.exp(-2 * s * t))
+        return jnp.zeros((6, 5)).at[jnp.arange(3), jnp.arange(3)].set(a)
+
+    ref = jax.vmap(exact)(ts)
+    rel = jnp.linalg.norm(P - ref, axis=(1, 2)) / jnp.linalg.norm(ref, axis=(1, 2))
+    assert float(jnp.max(rel)) <= 1e-9, f"max relative error {float(jnp.max(rel)):.3g}"
+
+
+@pytest.fixture(scope="module")
+def stiff():
+    """The stiff factorization (as tests/test_flow.py) and its final state from scipy LSODA
+    at rtol = atol = 1e-12 with the jitted JAX gradient and Hessian."""
+    M = flowsim.data.low_rank_matrix(20, 20, [1.0, 1e-2, 1e-4], key=jr.key(1))
+    mf = MatrixFactorization.random(20, 20, 3, scale=1e-3, key=jr.key(2))
+    loss = flowsim.losses.factorization(M)
+    params, static = eqx.partition(mf, eqx.is_inexact_array)
+    y0, unravel = ravel_pytree(params)
+    flat = lambda y: loss(eqx.combine(unravel(y), static))  # noqa: E731
+    grad, hess = jax.jit(jax.grad(flat)), jax.jit(jax.hessian(flat))
+    ref = scipy.integrate.solve_ivp(
+        lambda t, y: -np.asarray(grad(y)), (0.0, 1e6), np.asarray(y0), method="LSODA",
+        rtol=1e-12, atol=1e-12, jac=lambda t, y: -np.asarray(hess(y)))
+    assert ref.success
+    return mf, loss, ref.y[:, -1]
+
+
+@pytest.mark.parametrize("solver,max_steps", [(Rodas5P(), 400), (ROS34PW2(), 2000)],
+                         ids=["rodas5p", "ros34pw2"])
+def test_stiff_factorization(stiff, solver, max_steps):
+    # lambda_max T ~ 2e6: an explicit solver needs > 6e5 steps for stability alone
+    # (tests/test_flow.py). Rodas5P takes ~150 steps at rtol 1e-8, ROS34PW2 ~ 700.
+    mf, loss, ref = stiff
+    traj = flowsim.gradient_flow(mf, loss, 1e6, solver=solver, rtol=1e-8, atol=1e-8,
+                                 max_steps=max_steps)
+    y = ravel_pytree(eqx.filter(traj.final_model(), eqx.is_inexact_array))[0]
+    rel = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+    assert rel < 1e-6, f"final relative error {rel:.3g} against LSODA at 1e-12"
+    assert float(traj.loss[-1]) <= 1e-20, float(traj.loss[-1])
+
+
+@pytest.mark.parametrize("solver", [Rodas5P(), ROS34PW2(max_age=5)], ids=["rodas5p", "ros34pw2"])
+def test_vmap_equals_single_solves(getkey, solver):
+    # Batched (one vmapped solve) against one solve per member; each lane keeps its own steps,
+    # and ROS34PW2's lanes refresh their decomposition exactly when they would alone.
+    M = flowsim.data.low_rank_matrix(6, 5, [2.0, 0.5], key=getkey())
+    loss = flowsim.losses.factorization(M)
+    make = lambda k: MatrixFactorization.random(6, 5, 2, scale=0.1, key=k)  # noqa: E731
+    nets = flowsim.init.batch(make, 3, key=getkey())
+    ts = jnp.linspace(0.0, 20.0, 5)
+    batch = flowsim.gradient_flow(nets, loss, 20.0, ts=ts, solver=solver, rtol=1e-9, atol=1e-9,
+                                  batched=True)
+    for i in range(3):
+        member = jax.tree.map(lambda x, i=i: x[i], nets)
+        single = flowsim.gradient_flow(member, loss, 20.0, ts=ts, solver=solver, rtol=1e-9,
+                                       atol=1e-9)
+        assert tree_max_abs_diff(single.models, batch[i].models) <= 1e-12
+        assert int(single.stats["num_steps"]) == int(batch.stats["num_steps"][i])
