@@ -132,11 +132,11 @@ def available_memory_bytes() -> int:
     return 2**63 - 1
 
 
-def device_memory_bytes() -> int | None:
-    """Free memory of the default device where it reports it (GPUs: `bytes_limit - bytes_in_use`),
-    else None (CPU: the host's memory is the device's)."""
+def device_memory_bytes(device=None) -> int | None:
+    """Free memory of `device` (default: the first device) where it reports it (GPUs:
+    `bytes_limit - bytes_in_use`), else None (CPU: the host's memory is the device's)."""
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = (device or jax.devices()[0]).memory_stats()
     except Exception:  # backends without memory statistics
         return None
     if not stats or "bytes_limit" not in stats:

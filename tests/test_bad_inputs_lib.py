@@ -15,6 +15,9 @@ from flowsim.models import MLP, MatrixFactorization
 
 from .helpers import tree_max_abs_diff
 
+# Every case under a time limit: a mistake must be refused, not hang (compiles included).
+pytestmark = pytest.mark.timeout(120)
+
 BAD = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 SHOWN = {"nan": "NaN", "inf": "inf", "-inf": "-inf"}  # as the messages name them
 

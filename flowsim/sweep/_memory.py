@@ -13,31 +13,17 @@ it runs on, naming both numbers and the setting that makes it fit (`[run] batch_
 smaller problem when one seed alone is too large).
 """
 
-import os
-
+from .._problem import available_memory_bytes, device_memory_bytes, format_bytes
 from ._config import Config, ConfigError, default_save_every
 
 BYTES = 8  # float64
 
 
-def available_bytes(device=None) -> int | None:
-    """Memory a compiled call can use: the accelerator's limit, or the host's available memory
-    (MemAvailable of /proc/meminfo, else physical memory). None where it cannot be told."""
-    if device is not None and device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        return int(limit) - int(stats.get("bytes_in_use", 0)) if limit else None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def available_bytes(device=None) -> int:
+    """Memory a compiled call on `device` can use: an accelerator's free memory, else the
+    host's available memory."""
+    free = device_memory_bytes(device) if device is not None else None
+    return available_memory_bytes() if free is None else free
 
 
 def _values(cfg: Config, section: str, key: str) -> list:
@@ -71,12 +57,7 @@ def estimate(cfg: Config) -> tuple[int, int, int]:
     return per_seed, shared, seeds
 
 
-def _gb(b: float) -> str:
-    """Bytes in decimal units: 34 kB, 1.6 MB, 2.4 TB."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if b >= size:
-            return f"{b / size:.3g} {unit}"
-    return f"{int(b)} B"
+_gb = format_bytes
 
 
 def describe(cfg: Config, n_devices: int = 1) -> str:
@@ -95,7 +76,7 @@ def check(cfg: Config, devices) -> None:
     per_device = -(-seeds // n_dev)
     need = per_seed * per_device + shared
     have = available_bytes(devices[0] if devices else None)
-    if have is None or need <= have:
+    if need <= have:
         return
     fit = (have - shared) // per_seed * n_dev if have > shared else 0
     if fit >= 1:
