@@ -201,16 +201,45 @@ def _stages(tab, f, t0, h, y, f0, dT, solve):
     return y1, err, ks
 
 
-def _jacobian(f, t0, y):
-    """f(t0, y) and the dense Jacobian d f / d y (n JVPs, vmapped: one linearisation)."""
-    f0, lin = jax.linearize(lambda z: f(t0, z), y)
-    eye = jnp.eye(y.shape[0], dtype=y.dtype)
-    return f0, jax.vmap(lin, in_axes=1, out_axes=1)(eye)
+class _FlatField:
+    """The vector field on the flattened state, f(t, z) = ravel(vf(t, unravel(z))), and its
+    dense Jacobian."""
+
+    def __init__(self, terms, args, unravel):
+        self.terms, self.args, self.unravel = terms, args, unravel
+
+    def __call__(self, t, z):
+        return ravel_pytree(self.terms.vf(t, self.unravel(z), self.args))[0]
+
+    def jacobian(self, t, z):
+        """f(t, z) and d f / d z (n x n), one leaf of the state at a time.
+
+        The columns of one leaf are a vmap of JVPs whose tangent is zero in the other leaves;
+        those zeros are unbatched, so their share of each JVP runs once, not once per column
+        (a two-leaf factorization state: 80 us against 110 us for a vmap over the flat basis).
+        """
+        tree = self.unravel(z)
+        leaves, treedef = jax.tree.flatten(tree)
+        f0, lin = jax.linearize(
+            lambda p: ravel_pytree(self.terms.vf(t, p, self.args))[0], tree)
+        columns = []
+        for i, leaf in enumerate(leaves):
+            if leaf.size == 0:
+                continue
+
+            def jvp(e, i=i, shape=leaf.shape):
+                tangent = [jnp.zeros_like(x) for x in leaves]
+                tangent[i] = e.reshape(shape)
+                return lin(jax.tree.unflatten(treedef, tangent))
+
+            eye = jnp.eye(leaf.size, dtype=leaf.dtype)
+            columns.append(jax.vmap(jvp, out_axes=1)(eye))
+        return f0, jnp.concatenate(columns, axis=1)
 
 
 def _symmetric_eig(f, t0, y):
     """Eigendecomposition of the symmetrised Jacobian, (J + J^T) / 2 = Q diag(lam) Q^T."""
-    _, J = _jacobian(f, t0, y)
+    _, J = f.jacobian(t0, y)
     lam, Q = jnp.linalg.eigh(0.5 * (J + J.T))
     return Q, lam
 
@@ -244,7 +273,7 @@ class AbstractRosenbrock(dfx.AbstractAdaptiveSolver):
 
     def init(self, terms, t0, t1, y0, args):
         y, unravel = ravel_pytree(y0)
-        return self._init_linear(_flat_field(terms, args, unravel), jnp.asarray(t0, y.dtype), y)
+        return self._init_linear(_FlatField(terms, args, unravel), jnp.asarray(t0, y.dtype), y)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         tab = self.tableau
@@ -252,7 +281,7 @@ class AbstractRosenbrock(dfx.AbstractAdaptiveSolver):
         dtype = y.dtype
         t0 = jnp.asarray(t0, dtype)
         h = jnp.asarray(terms.contr(t0, t1), dtype)
-        f = _flat_field(terms, args, unravel)
+        f = _FlatField(terms, args, unravel)
         f0, solve, solver_state = self._linear_solver(f, t0, y, h, solver_state, made_jump)
         # d f / d t: a symbolic zero for autonomous fields, which XLA folds away.
         dT = jax.jvp(lambda t: f(t, y), (t0,), (jnp.ones_like(t0),))[1]
@@ -265,13 +294,6 @@ class AbstractRosenbrock(dfx.AbstractAdaptiveSolver):
             k = jnp.asarray(tab.H, dtype=dtype) @ jnp.stack(ks)
         dense_info = dict(y0=y0, y1=unravel(y1), k=jax.vmap(unravel)(k))
         return unravel(y1), unravel(err), dense_info, solver_state, dfx.RESULTS.successful
-
-
-def _flat_field(terms, args, unravel):
-    def f(t, z):
-        return ravel_pytree(terms.vf(t, unravel(z), args))[0]
-
-    return f
 
 
 class Rodas5P(AbstractRosenbrock):
@@ -308,7 +330,7 @@ class Rodas5P(AbstractRosenbrock):
         return None
 
     def _linear_solver(self, f, t0, y, h, state, made_jump):
-        f0, J = _jacobian(f, t0, y)
+        f0, J = f.jacobian(t0, y)
         gh = self.tableau.gamma * h
         lu, _, perm = jax.lax.linalg.lu(jnp.eye(y.shape[0], dtype=y.dtype) - gh * J)
 
