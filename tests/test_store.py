@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from flowsim import sweep
-from flowsim.sweep import _store
 from flowsim.sweep._store import to_toml
 
 # GD only, tiny: a point runs in milliseconds once compiled, so a sweep is mostly start-up.
@@ -66,31 +65,42 @@ def test_damaged_points_are_recomputed_on_resume(tmp_path, uninterrupted, capsys
     _same(sweep.load(out), sweep.load(uninterrupted))
 
 
+# Slow points (~0.5 s each): the first sweep is still writing when the second one starts.
+SLOW = {**CFG, "gd": {**CFG["gd"], "delta": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+                      "steps": 200_000, "save_every": 20_000}}
+
+
 @pytest.mark.timeout(180)
-def test_a_second_sweep_into_a_store_exits_2(tmp_path, uninterrupted):
+def test_a_second_sweep_into_a_store_exits_2(tmp_path):
     cfg_path = tmp_path / "cfg.toml"
-    cfg_path.write_text(to_toml(CFG))
+    cfg_path.write_text(to_toml(SLOW))
     out = tmp_path / "o"
     first = subprocess.Popen(_cmd(cfg_path, out), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    lock = out / _store.LOCK
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and first.poll() is None:
-        if lock.exists() and lock.stat().st_size > 0:
-            break
-        time.sleep(0.01)
-    assert first.poll() is None, "the first sweep should still be running"
-    # A temporary file of the live writer: the refused sweep must leave it alone.
-    mine = out / "points" / f".x.nc.{first.pid}.abc.tmp"
-    mine.write_bytes(b"in flight")
-    second = subprocess.run(_cmd(cfg_path, out), capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2, second.stderr
-    assert f"another sweep is writing to this store (pid {first.pid} on " in second.stderr
-    assert "Traceback" not in second.stderr and mine.exists()
-    mine.unlink()
-    _, err = first.communicate(timeout=150)
-    assert first.returncode == 0, err
-    _same(sweep.load(out), sweep.load(uninterrupted))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if any((out / "points").glob("*.nc")) if (out / "points").exists() else False:
+                break  # past its start-up (and its cleaning of stale temporary files)
+            time.sleep(0.01)
+        assert first.poll() is None, "the first sweep should still be running"
+        # A temporary file of the live writer: the refused sweep must leave it alone.
+        mine = out / "points" / f".x.nc.{first.pid}.abc.tmp"
+        mine.write_bytes(b"in flight")
+        second = subprocess.run(_cmd(cfg_path, out), capture_output=True, text=True,
+                                timeout=120)
+        assert first.poll() is None, "the first sweep should have been running throughout"
+        assert second.returncode == 2, second.stderr
+        assert f"another sweep is writing to this store (pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr and mine.exists()
+        mine.unlink()
+        _, err = first.communicate(timeout=150)
+        assert first.returncode == 0, err
+        assert int(sweep.load(out)["finished"].sum()) == len(SLOW["gd"]["delta"])
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
 
 
 @pytest.mark.timeout(300)
