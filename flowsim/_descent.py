@@ -14,8 +14,7 @@ from . import schedules
 from ._precision import lowest_precision
 from ._problem import (
     available_memory_bytes,
-    check_finite_loss_data,
-    check_finite_model,
+    check_finite_inputs,
     check_loss,
     check_model,
     device_memory_bytes,
@@ -263,8 +262,7 @@ def gradient_descent(
     schedule = _as_schedule(learning_rate)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     batch = check_model(params, batched)
-    check_finite_model(params, batched)
-    check_finite_loss_data(loss)
+    check_finite_inputs(params, loss, batched)
     check_loss(loss, split_batch(params, static, batched))
     with_ledger = hasattr(model, "hidden_units")
     _check_memory(params, int(steps), int(save_every), batch, with_ledger)

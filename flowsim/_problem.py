@@ -33,16 +33,61 @@ def split_batch(params, static, batched: bool):
     return eqx.combine(params, static)
 
 
+_CHECKED_MAX = 256
+"""`check_loss` remembers this many (loss, model) signatures that passed; tracing the loss
+again costs ~1-4 ms a call, most of a small solve's time."""
+_checked: dict = {}
+
+
+def _signature(tree):
+    """A hashable key of `tree`'s structure and array shapes / dtypes (its non-array leaves by
+    value), or None where a leaf is not hashable."""
+    leaves, treedef = jax.tree.flatten(tree)
+    key = [treedef]
+    for x in leaves:
+        if eqx.is_array(x):
+            key.append((x.shape, x.dtype, getattr(x, "weak_type", False)))
+        else:
+            try:
+                hash(x)
+            except TypeError:
+                return None
+            key.append((type(x), x))
+    return tuple(key)
+
+
 def check_loss(loss, model) -> None:
-    """Evaluates the loss abstractly: shape errors surface now, with the loss's own message."""
+    """Evaluates the loss abstractly: shape errors surface now, with the loss's own message.
+
+    A loss and model of a signature already checked (same structure, shapes and dtypes) are not
+    traced again."""
     if not callable(loss):
         raise TypeError(f"`loss` must be a callable model -> scalar, got {type(loss).__name__}")
+    key = _signature((loss, model))
+    if key is not None and key in _checked:
+        return
     out = eqx.filter_eval_shape(loss, model)
     if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(
             f"`loss` must return a floating scalar, got {getattr(out, 'shape', out)} "
             f"{getattr(out, 'dtype', '')}"
         )
+    if key is not None:
+        if len(_checked) >= _CHECKED_MAX:
+            _checked.clear()
+        _checked[key] = True
+
+
+@jax.jit
+def _finite_flags(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _all_finite(leaves) -> bool:
+    """Whether every (concrete, inexact) array in `leaves` is finite: one compiled reduction
+    and one transfer for all of them."""
+    leaves = [x for x in leaves if eqx.is_inexact_array(x) and _is_concrete(x)]
+    return not leaves or bool(np.all(np.asarray(_finite_flags(leaves))))
 
 
 def _is_concrete(x) -> bool:
@@ -77,6 +122,8 @@ def check_finite_model(params, batched: bool) -> None:
     """A ValueError naming the array (and batch member) of the initial model that is not finite.
 
     Skipped for traced arrays (under `jax.jit` / `jax.vmap` of a solver call)."""
+    if _all_finite(jax.tree.leaves(params)):
+        return
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for path, x in leaves:
         if not _is_concrete(x) or bool(jnp.all(jnp.isfinite(x))):
@@ -93,12 +140,24 @@ def check_finite_model(params, batched: bool) -> None:
         )
 
 
+def check_finite_inputs(params, loss, batched: bool) -> None:
+    """`check_finite_model` and `check_finite_loss_data` in one compiled reduction when all is
+    finite (the common case: ~0.05 ms); the detailed checks name what is not."""
+    data = eqx.filter(loss, eqx.is_inexact_array) if isinstance(loss, eqx.Module) else None
+    if _all_finite(jax.tree.leaves((params, data))):
+        return
+    check_finite_model(params, batched)
+    check_finite_loss_data(loss)
+
+
 def check_finite_loss_data(loss) -> None:
     """A ValueError naming the data array of a loss module (its fields, e.g. `loss.X`) that holds
     NaN or inf; losses that are not Equinox modules are not inspected."""
     if not isinstance(loss, eqx.Module):
         return
     arrays = eqx.filter(loss, eqx.is_inexact_array)
+    if _all_finite(jax.tree.leaves(arrays)):
+        return
     for path, x in jax.tree_util.tree_leaves_with_path(arrays):
         if not _is_concrete(x) or bool(jnp.all(jnp.isfinite(x))):
             continue
