@@ -28,25 +28,34 @@ def _normalise(v):
     return jax.tree.map(lambda x: x / n, v)
 
 
-def _power(hvp, p, v, shift, iters: int):
-    def body(_, state):
-        v, _ = state
-        hv = jax.tree.map(lambda a, b: a - shift * b, hvp(p, v), v)
-        lam = _dot(v, hv)
-        return _normalise(hv), lam
+def _power(hvp, p, v, shift, iters: int, rtol):
+    """`iters` power iterations on H - shift I, or fewer: it stops once two successive
+    Rayleigh quotients agree to `rtol` (never with rtol = 0)."""
 
-    v = _normalise(v)
-    _, lam = jax.lax.fori_loop(0, iters, body, (v, jnp.zeros((), jax.tree.leaves(p)[0].dtype)))
+    def cond(state):
+        k, _, lam, prev = state
+        settled = (k >= 2) & (jnp.abs(lam - prev) <= rtol * jnp.abs(lam))
+        return (k < iters) & ~settled
+
+    def body(state):
+        k, v, lam, _ = state
+        hv = jax.tree.map(lambda a, b: a - shift * b, hvp(p, v), v)
+        return k + 1, _normalise(hv), _dot(v, hv), lam
+
+    zero = jnp.zeros((), jax.tree.leaves(p)[0].dtype)
+    state = (jnp.asarray(0), _normalise(v), zero, zero)
+    _, _, lam, _ = jax.lax.while_loop(cond, body, state)
     return lam + shift
 
 
 @eqx.filter_jit
-def _sharpness(params, static, loss, v, iters: int):
+def _sharpness(params, static, loss, v, iters: int, rtol=0.0):
     # One compiled function per (model structure, loss type, iters): the loss's arrays are
     # traced, so new data or a new initialisation reuses it.
     _, hvp = hvp_fn(loss, static)
-    lam = _power(hvp, params, v, jnp.zeros((), lam_dtype(params)), iters)
-    lam_pos = jax.lax.cond(lam < 0, lambda: _power(hvp, params, v, lam, iters), lambda: lam)
+    lam = _power(hvp, params, v, jnp.zeros((), lam_dtype(params)), iters, rtol)
+    lam_pos = jax.lax.cond(lam < 0, lambda: _power(hvp, params, v, lam, iters, rtol),
+                           lambda: lam)
     return jnp.maximum(lam_pos, 0.0)
 
 
@@ -55,14 +64,15 @@ def lam_dtype(params):
 
 
 def sharpness(
-    model, loss, *, iters: int = 50, key: PRNGKeyArray | None = None
+    model, loss, *, iters: int = 50, key: PRNGKeyArray | None = None, rtol: float = 0.0
 ) -> Float[Array, ""]:
     """Estimate of lambda_max(Hessian of `loss` at `model`), the largest positive eigenvalue.
 
     Power iteration with Hessian-vector products. When the eigenvalue of largest magnitude is
     negative (a saddle), a second run on H - lambda_neg I finds the largest positive one. The
     estimate is a lower bound that tightens with `iters`; it is what `gradient_flow(solver="auto")`
-    compares with the horizon.
+    compares with the horizon. With `rtol > 0` the iteration stops early, once two successive
+    estimates agree to `rtol` (relative).
 
     **Example:**
 
@@ -77,4 +87,4 @@ def sharpness(
     leaves, treedef = jax.tree.flatten(params)
     keys = jr.split(key, len(leaves))
     v = jax.tree.unflatten(treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    return _sharpness(params, static, loss, v, iters)
+    return _sharpness(params, static, loss, v, iters, rtol)
