@@ -11,15 +11,16 @@ import scipy.integrate
 from jax.flatten_util import ravel_pytree
 
 import flowsim
-from flowsim._rosenbrock import ROS34PW2, Rodas5P
+from flowsim._rosenbrock import ROS34PW2, Rodas5P, _cholesky_or_lu, _FlatField
 from flowsim.models import MatrixFactorization
 
 from .helpers import tree_max_abs_diff
 
 # (solver, order of the method); ROS34PW2 with max_age=4 reuses a stale Jacobian for up to
-# 4 steps, which a W-method's order must not notice.
-SOLVERS = [(Rodas5P(), 5), (ROS34PW2(max_age=1), 3), (ROS34PW2(max_age=4), 3)]
-IDS = ["rodas5p", "ros34pw2-fresh", "ros34pw2-age4"]
+# 4 steps, which a W-method's order must not notice. The test field's Jacobian is diagonal,
+# so symmetric=True applies.
+SOLVERS = [(Rodas5P(), 5), (Rodas5P(symmetric=True), 5), (ROS34PW2(max_age=4), 3)]
+IDS = ["rodas5p", "rodas5p-sym", "ros34pw2-age4"]
 
 
 def _vf(t, y, args):
@@ -65,6 +66,22 @@ def test_order_of_convergence(solver, order):
     assert abs(fitted - order) <= 0.2, f"fitted order {fitted:.3f}, nominal {order}; {errs}"
 
 
+def test_order_of_dense_output():
+    # Rodas5P's own interpolant is of order 4: its local error is O(h^5), so a quarter into
+    # each step the error shrinks as h^5 like at the steps (a cubic Hermite: h^4).
+    T, errs, hs = 1.0, [], []
+    for n in (16, 32, 64, 128):
+        ts = jnp.linspace(0.5, 1.0, 9)[:-1] + 0.25 / n
+        sol = dfx.diffeqsolve(dfx.ODETerm(_vf), Rodas5P(), 0.0, T, T / n, _y0(),
+                              stepsize_controller=dfx.ConstantStepSize(), max_steps=128,
+                              saveat=dfx.SaveAt(ts=ts))
+        errs.append(max(_max_err(jax.tree.map(lambda x, i=i: x[i], sol.ys), _exact(float(t)))
+                        for i, t in enumerate(ts)))
+        hs.append(T / n)
+    fitted = _slope(hs, errs)
+    assert abs(fitted - 5) <= 0.2, f"dense output ~ h^{fitted:.3f}, expected h^5; {errs}"
+
+
 @pytest.mark.parametrize("solver,order", SOLVERS, ids=IDS)
 def test_order_of_error_estimate(solver, order):
     # The embedded method has order `order - 1`, so one step's error estimate is O(h^order):
@@ -82,7 +99,8 @@ def test_order_of_error_estimate(solver, order):
     assert abs(fitted - order) <= 0.2, f"estimate ~ h^{fitted:.3f}, expected h^{order}; {ests}"
 
 
-@pytest.mark.parametrize("solver", [Rodas5P(), ROS34PW2()], ids=["rodas5p", "ros34pw2"])
+@pytest.mark.parametrize("solver", [Rodas5P(symmetric=True), ROS34PW2()],
+                         ids=["rodas5p-sym", "ros34pw2"])
 def test_closed_form_balanced_factorization(solver):
     # Diagonal target, balanced init U = V = E diag(sqrt(a0)): each mode obeys a' = 2a(s - a),
     # a(t) = s / (1 + (s/a0 - 1) exp(-2 s t)); a0/s down to 3e-4 covers the sigmoidal
@@ -124,8 +142,9 @@ def stiff():
     return mf, loss, ref.y[:, -1]
 
 
-@pytest.mark.parametrize("solver,max_steps", [(Rodas5P(), 400), (ROS34PW2(), 2000)],
-                         ids=["rodas5p", "ros34pw2"])
+@pytest.mark.parametrize("solver,max_steps",
+                         [(Rodas5P(), 400), (Rodas5P(symmetric=True), 400), (ROS34PW2(), 2000)],
+                         ids=["rodas5p", "rodas5p-sym", "ros34pw2"])
 def test_stiff_factorization(stiff, solver, max_steps):
     # lambda_max T ~ 2e6: an explicit solver needs > 6e5 steps for stability alone
     # (tests/test_flow.py). Rodas5P takes ~150 steps at rtol 1e-8, ROS34PW2 ~ 700.
@@ -138,7 +157,8 @@ def test_stiff_factorization(stiff, solver, max_steps):
     assert float(traj.loss[-1]) <= 1e-20, float(traj.loss[-1])
 
 
-@pytest.mark.parametrize("solver", [Rodas5P(), ROS34PW2(max_age=5)], ids=["rodas5p", "ros34pw2"])
+@pytest.mark.parametrize("solver", [Rodas5P(symmetric=True), ROS34PW2(max_age=5)],
+                         ids=["rodas5p-sym", "ros34pw2"])
 def test_vmap_equals_single_solves(getkey, solver):
     # Batched (one vmapped solve) against one solve per member; each lane keeps its own steps,
     # and ROS34PW2's lanes refresh their decomposition exactly when they would alone.
@@ -155,3 +175,50 @@ def test_vmap_equals_single_solves(getkey, solver):
                                        atol=1e-9)
         assert tree_max_abs_diff(single.models, batch[i].models) <= 1e-12
         assert int(single.stats["num_steps"]) == int(batch.stats["num_steps"][i])
+
+
+def test_symmetric_jacobian_equals_full(getkey):
+    # symmetric=True differentiates only the lower block triangle (leaf by leaf) and mirrors
+    # it: on an MLP's -Hessian (4 leaves) it must equal the full Jacobian to rounding, and the
+    # full one the flat jax.hessian.
+    X, Y = jr.normal(getkey(), (8, 3)), jr.normal(getkey(), (8, 2))
+    loss = flowsim.losses.square(X, Y)
+    net = flowsim.models.MLP((3, 4, 3, 3, 2), "tanh", use_bias=True, key=getkey())
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    grad = jax.grad(lambda p: loss(eqx.combine(p, static)))
+    term = dfx.ODETerm(lambda t, p, args: jax.tree.map(jnp.negative, grad(p)))
+    y, unravel = ravel_pytree(params)
+    assert len(jax.tree.leaves(params)) >= 4
+    field = _FlatField(term, None, unravel)
+    f0, J = jax.jit(lambda z: field.jacobian(0.0, z))(y)
+    f0s, Js = jax.jit(lambda z: field.jacobian(0.0, z, symmetric=True))(y)
+    H = jax.jit(jax.hessian(lambda z: loss(eqx.combine(unravel(z), static))))(y)
+    scale = float(jnp.max(jnp.abs(H)))
+    assert float(jnp.max(jnp.abs(J + H))) <= 1e-13 * scale
+    assert float(jnp.max(jnp.abs(Js - J))) <= 1e-13 * scale
+    assert bool(jnp.all(Js == Js.T))
+    assert float(jnp.max(jnp.abs(f0s - f0))) == 0.0
+
+
+def test_cholesky_or_lu_solves_definite_and_indefinite():
+    # Cholesky where I - gamma h J is positive definite, LU where it is not; under vmap each
+    # lane takes its own factorization. Both solve M x = b to rounding.
+    key = jr.key(0)
+    A = jr.normal(key, (6, 6))
+    S = (A + A.T) / 2
+    definite = jnp.eye(6) + 0.01 * S
+    indefinite = jnp.eye(6) - 10.0 * S
+    b = jnp.arange(1.0, 7.0)
+
+    def solve(M):
+        lower, upper, perm = _cholesky_or_lu(M)
+        x = jax.scipy.linalg.solve_triangular(lower, b[perm], lower=True)
+        return jax.scipy.linalg.solve_triangular(upper, x, lower=False)
+
+    for M in (definite, indefinite):
+        assert float(jnp.max(jnp.abs(M @ solve(M) - b))) <= 1e-12
+    assert bool(jnp.all(jnp.isfinite(jax.lax.linalg.cholesky(definite))))
+    assert not bool(jnp.all(jnp.isfinite(jax.lax.linalg.cholesky(indefinite))))
+    both = jax.vmap(solve)(jnp.stack([definite, indefinite]))
+    assert float(jnp.max(jnp.abs(both[0] - solve(definite)))) == 0.0
+    assert float(jnp.max(jnp.abs(both[1] - solve(indefinite)))) == 0.0
