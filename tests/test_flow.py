@@ -375,3 +375,45 @@ def test_count_evals_batched_reports_lanes(getkey):
     relu = MLP((3, 4, 2), "relu", key=getkey())
     with pytest.raises(ValueError, match="count_evals=True counts the evaluations of a smooth"):
         flowsim.gradient_flow(relu, loss, 1.0, count_evals=True)
+
+
+class _CountingLoss(flowsim.losses.factorization(jnp.eye(2)).__class__):
+    """The factorization loss, counting how often Python runs it (each trace of it)."""
+
+    def __call__(self, model):
+        _CountingLoss.calls += 1
+        return super().__call__(model)
+
+
+def test_a_repeated_call_does_not_trace_again():
+    """The fixed cost of a call: a second solve of the same signature runs no Python of the
+    loss (its check, solve and statistics are all cached), and costs less than 20 ms."""
+    import time
+
+    base = flowsim.losses.factorization(jnp.diag(jnp.array([3.0, 1.0])))
+    loss = _CountingLoss(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    _CountingLoss.calls = 0
+    mf = MatrixFactorization.random(2, 2, 2, scale=0.1, key=jr.key(0))
+    first = flowsim.gradient_flow(mf, loss, 10.0, solver="tsit5", rtol=1e-8, atol=1e-8)
+    traced = _CountingLoss.calls
+    assert traced > 0
+    mf2 = MatrixFactorization.random(2, 2, 2, scale=0.2, key=jr.key(1))
+    start = time.perf_counter()
+    second = flowsim.gradient_flow(mf2, loss, 10.0, solver="tsit5", rtol=1e-8, atol=1e-8)
+    elapsed = time.perf_counter() - start
+    assert _CountingLoss.calls == traced, "the second call traced the loss again"
+    assert float(second.loss[-1]) < 1e-8 and float(first.loss[-1]) < 1e-8
+    assert elapsed < 0.02, elapsed
+
+
+def test_sharpness_early_stop():
+    """`rtol` stops the power iteration once two estimates agree: a lower bound close to the
+    full estimate (the Hessian's top eigenvalue, here known: 2 s_1 = 6 at the balanced
+    minimiser; its spectrum is {6, 4, 4, 2, 0, ...})."""
+    s = jnp.array([3.0, 1.0])
+    mf = MatrixFactorization(jnp.diag(jnp.sqrt(s)), jnp.diag(jnp.sqrt(s)))  # a minimiser
+    loss = flowsim.losses.factorization(jnp.diag(s))
+    full = float(flowsim.sharpness(mf, loss))
+    fast = float(flowsim.sharpness(mf, loss, rtol=0.05))
+    np.testing.assert_allclose(full, 2 * 3.0, rtol=1e-9)
+    assert 0.9 * full <= fast < full  # stopped early (5.85 here), within 10 %
