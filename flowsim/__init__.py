@@ -29,6 +29,7 @@ from ._flow import (
     gradient_flow as gradient_flow,
 )
 from ._precision import PrecisionWarning as PrecisionWarning
+from ._rosenbrock import ROS34PW2 as ROS34PW2, Rodas5P as Rodas5P
 from ._spectral import sharpness as sharpness
 from ._trajectory import Trajectory as Trajectory
 from .kinks import (

@@ -26,24 +26,29 @@ from ._problem import (
     check_model,
     split_batch,
 )
+from ._rosenbrock import ROS34PW2, Rodas5P
 from ._spectral import sharpness
 from ._trajectory import Trajectory
 from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
 
 DENSE_JACOBIAN_MAX = 2000
-"""Largest parameter count for which implicit solvers build the dense Jacobian (LU).
+"""Largest parameter count for which stiff solvers build the dense Jacobian (Rodas5P: its
+symmetric half and a Cholesky factorization; Kvaerno: LU), and `solver="auto"` picks Rodas5P
+for a stiff problem; above it Kvaerno5 matrix-free.
 
 Above it the stage equations are solved matrix-free: Newton's method with GMRES on
 Hessian-vector products. A dense n x n float64 Jacobian costs n JVPs and 8 n^2 bytes per step.
 """
 
 STIFFNESS_THRESHOLD = 1e4
-"""`solver="auto"` picks an implicit solver when lambda_max(H(theta_0)) * (t1 - t0) exceeds this.
+"""`solver="auto"` picks a stiff solver when lambda_max(H(theta_0)) * (t1 - t0) exceeds this.
 
 An explicit Runge–Kutta method needs at least ~lambda_max (t1 - t0) / 3.3 steps for stability
 alone (Tsit5's stability interval on the negative real axis is about [-3.3, 0]), whatever the
 tolerance. Below 1e4 that bound is a few thousand steps, comparable to what accuracy at
-rtol ~ 1e-10 needs anyway; above it, stability dominates and an L-stable implicit method wins.
+rtol ~ 1e-10 needs anyway; above it, stability dominates and an L-stable method wins: Rodas5P
+(Rosenbrock, a fresh Jacobian per step; benchmarks/stiff_rosenbrock.py) up to
+`DENSE_JACOBIAN_MAX` parameters, Kvaerno5 matrix-free above.
 """
 
 SHARPNESS_RTOL = 0.05
@@ -129,7 +134,10 @@ _IMPLICIT = {
     "kvaerno4": dfx.Kvaerno4,
     "kvaerno5": dfx.Kvaerno5,
 }
-SOLVERS = ("auto", *_EXPLICIT, *_IMPLICIT)
+# A gradient flow's Jacobian, -Hessian, is symmetric: Rodas5P differentiates half of it and
+# factorizes by Cholesky; ROS34PW2 reuses one eigendecomposition over steps.
+_ROSENBROCK = {"rodas5p": lambda: Rodas5P(symmetric=True), "ros34pw2": ROS34PW2}
+SOLVERS = ("auto", *_EXPLICIT, *_IMPLICIT, *_ROSENBROCK)
 
 # New vector-field evaluations per attempted step (first-same-as-last counted once).
 _STAGES = {dfx.Tsit5: 6, dfx.Dopri5: 6, dfx.Dopri8: 13, dfx.Bosh3: 3}
@@ -169,6 +177,8 @@ def make_solver(name: str, n_params: int, atol: float = 1e-10):
         return _EXPLICIT[name]()
     if name in _IMPLICIT:
         return _implicit(_IMPLICIT[name], n_params, atol)
+    if name in _ROSENBROCK:
+        return _ROSENBROCK[name]()
     raise ValueError(
         f"`solver` must be a diffrax solver or one of {', '.join(SOLVERS)}, got {name!r}"
     )
@@ -181,8 +191,9 @@ def _auto(model, loss, t0, t1, n_params, batched):
         lam = float(jnp.max(lam))
     else:
         lam = float(sharpness(model, loss, rtol=SHARPNESS_RTOL))
-    name = "kvaerno5" if lam * abs(t1 - t0) > STIFFNESS_THRESHOLD else "tsit5"
-    return name, lam
+    if lam * abs(t1 - t0) <= STIFFNESS_THRESHOLD:
+        return "tsit5", lam
+    return ("rodas5p" if n_params <= DENSE_JACOBIAN_MAX else "kvaerno5"), lam
 
 
 def _is_implicit(solver) -> bool:
@@ -345,10 +356,14 @@ def gradient_flow(
     - `t1`: final time; `t0` the initial one.
     - `ts`: save times in [t0, t1] (increasing); default `(t0, t1)`.
     - `solver`: a diffrax solver instance, or a name: `"tsit5"`, `"dopri5"`, `"dopri8"`,
-      `"bosh3"` (explicit), `"kvaerno3"`, `"kvaerno4"`, `"kvaerno5"` (L-stable ESDIRK, for stiff
-      problems; their Jacobian is -Hessian, dense up to `DENSE_JACOBIAN_MAX` parameters and
-      matrix-free — Newton with GMRES on Hessian-vector products — above), or `"auto"`:
-      Kvaerno5 if sharpness(theta_0) * (t1 - t0) > `STIFFNESS_THRESHOLD`, else Tsit5.
+      `"bosh3"` (explicit), `"rodas5p"` (`flowsim.Rodas5P`: Rosenbrock, order 5, a fresh
+      dense symmetric Jacobian -Hessian and its Cholesky factorization per step, for stiff
+      problems up to a few thousand parameters), `"ros34pw2"` (`flowsim.ROS34PW2`: order 3,
+      one eigendecomposition reused over steps), `"kvaerno3"`, `"kvaerno4"`, `"kvaerno5"`
+      (L-stable ESDIRK; Jacobian dense up to `DENSE_JACOBIAN_MAX` parameters and matrix-free —
+      Newton with GMRES on Hessian-vector products — above), or `"auto"`: if
+      sharpness(theta_0) * (t1 - t0) > `STIFFNESS_THRESHOLD`, Rodas5P up to
+      `DENSE_JACOBIAN_MAX` parameters and Kvaerno5 above, else Tsit5.
     - `rtol`, `atol`: the step controller's tolerances. The solve runs in the model's
       precision: for a float32 (or lower) model, tolerances below 100 x its machine epsilon
       (`flowsim._precision.PRECISION_FACTOR`; 1.2e-5 for float32) cannot be met and a
