@@ -228,7 +228,9 @@ def _tick(kind: str, token, member, probe):
 
 
 def _probe(tree):
-    return jax.tree.leaves(tree)[0].ravel()[0]
+    # One entry of every leaf: batched (one count per lane) when any leaf's tangent is, as in
+    # a Jacobian built leaf by leaf (Rodas5P), where the other leaves' tangents are zeros.
+    return sum(x.ravel()[0] for x in jax.tree.leaves(tree))
 
 
 def _counting_field(grad, token, member):
@@ -250,7 +252,9 @@ def _counting_field(grad, token, member):
         g, hv = jax.jvp(grad, (p,), (tangents[0],))
         # The gradient once per linearisation, the product once per tangent (per application).
         g_zero = _tick("grad", token, member, _probe(p))
-        hv_zero = _tick("hvp", token, member, _probe(tangents[0]))
+        # The probe holds the point too: a Jacobian's tangents are constant basis vectors, and
+        # a callback on constants alone would be hoisted out of the solver's loop (run once).
+        hv_zero = _tick("hvp", token, member, _probe(tangents[0]) + _probe(p))
         return (jax.tree.map(lambda a: -(a + g_zero), g),
                 jax.tree.map(lambda h: -(h + hv_zero), hv))
 
