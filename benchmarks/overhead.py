@@ -15,6 +15,7 @@ solver) and `solver="tsit5"` (no estimate).
 Run `python benchmarks/overhead.py [--quick] [--repeats R] [--widths W ...]`.
 """
 
+import _common
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -23,7 +24,6 @@ import jax.random as jr
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-import _common
 import flowsim
 
 TOL = 1e-8
@@ -108,7 +108,7 @@ def main():
                          title=f"Non-stiff overhead, rtol = atol = {TOL:g}, warm, median "
                                f"of {repeats} (tiny: {max(repeats, 50)})")
     _common.write_json(args.out, "overhead", {"tol": TOL, "repeats": repeats, "records": records,
-                                              "table": text}, quick=args.quick)
+                                              "tables": [text]}, quick=args.quick)
 
 
 if __name__ == "__main__":
