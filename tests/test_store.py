@@ -65,9 +65,9 @@ def test_damaged_points_are_recomputed_on_resume(tmp_path, uninterrupted, capsys
     _same(sweep.load(out), sweep.load(uninterrupted))
 
 
-# Slow points (~0.5 s each): the first sweep is still writing when the second one starts.
-SLOW = {**CFG, "gd": {**CFG["gd"], "delta": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-                      "steps": 200_000, "save_every": 20_000}}
+# Slow points (~0.3 s each): the first sweep is still writing when the second one starts.
+SLOW = {**CFG, "gd": {**CFG["gd"], "delta": [0.0, 0.2, 0.4, 0.5],
+                      "steps": 100_000, "save_every": 20_000}}
 
 
 @pytest.mark.timeout(180)
