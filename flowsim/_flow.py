@@ -43,12 +43,10 @@ Hessian-vector products. A dense n x n float64 Jacobian costs n JVPs and 8 n^2 b
 STIFFNESS_THRESHOLD = 1e4
 """`solver="auto"` picks a stiff solver when lambda_max(H(theta_0)) * (t1 - t0) exceeds this.
 
-An explicit Runge–Kutta method needs at least ~lambda_max (t1 - t0) / 3.3 steps for stability
-alone (Tsit5's stability interval on the negative real axis is about [-3.3, 0]), whatever the
-tolerance. Below 1e4 that bound is a few thousand steps, comparable to what accuracy at
-rtol ~ 1e-10 needs anyway; above it, stability dominates and an L-stable method wins: Rodas5P
-(Rosenbrock, a fresh Jacobian per step; benchmarks/stiff_rosenbrock.py) up to
-`DENSE_JACOBIAN_MAX` parameters, Kvaerno5 matrix-free above.
+An explicit method needs ~lambda_max (t1 - t0) / 3.3 steps for stability alone (Tsit5's
+interval on the negative real axis is ~[-3.3, 0]): below 1e4 that is comparable to what accuracy
+needs anyway. Above it: Rodas5P up to `DENSE_JACOBIAN_MAX` parameters, Kvaerno5 matrix-free
+beyond. Stiff factorization (lambda_max T = 2e6): Rodas5P 161 steps, Tsit5 > 100,000.
 """
 
 SHARPNESS_RTOL = 0.05
@@ -60,67 +58,43 @@ On the deep linear MLPs of `benchmarks/overhead.py` (w = 32, 128) it stops after
 GMRES_RTOL = 1e-4
 """Relative residual at which GMRES stops inside each Newton iteration (matrix-free path).
 
-Its absolute tolerance is 1e-2 x the step controller's `atol`. Both matter: GMRES with rtol
-1e-3 and atol 0 left Kvaerno5 stuck at tiny steps on a tanh MLP (60 -> 30 -> 30 -> 5, t1 = 20,
-rtol = atol = 1e-8: 5,000 steps without reaching t1; the inexact stage solves polluted the
-embedded error estimate). With atol tied to the step tolerance the absolute bound is the one
-that stops GMRES: on that MLP (100 Gaussian points, keys 0 / 1 / 2) Kvaerno5 takes 59 steps,
-778 gradients and 17,804 Hessian-vector products (`count_evals=True`) for GMRES rtol 1e-4 and
-1e-8 alike (Tsit5: 74 steps, 445 gradients) — 1e-4 is the cheapest per iteration.
+Its absolute tolerance is 1e-2 x the step controller's `atol`; with atol 0 the inexact stage
+solves polluted the error estimate (a tanh MLP 60-30-30-5 at tol 1e-8 stalled at tiny steps).
+Measured on that MLP: Kvaerno5 takes 59 steps and 17,804 Hessian-vector products at 1e-4 and at
+1e-8 alike, so 1e-4 is the cheapest per iteration.
 """
 
 EXACT_KINKS_MAX_SURFACES = 20_000
 """`kinks="auto"` integrates kinks exactly up to this many pre-activation surfaces (points x
-hidden units), and hands them to the adaptive solver (`"smooth"`) above.
+hidden units) and hands them to the adaptive solver (`"smooth"`, with a `KinksWarning`) above.
 
-The exact path restarts the solver at every pattern change, and the changes grow with the
-surfaces: 516 crossings to t = 20 on 4,000 surfaces (100 -> 20 -> 20 -> 10 ReLU, 100 points;
-102 s against 2.3 s smooth, measured before the faster event root finder and sliding solve,
-which took the 100-point Fig 2 problem to t = 1.5 from 219 s to 88 s),
-122,281 flips at the accepted steps of the smooth solve on the 200,000 surfaces of the
-Du–Hu–Lee Fig 2 network, at 0.23–0.3 s per event: 3,001 events reach t = 0.80 in 15.6 min,
-t = 20 would take 10 hours or more, against ~2 min smooth: started from the smooth solve's
-state late in that flow, hundreds of entries slide at once, and each event then costs seconds
-(docs/kinks.md).
-Pass `kinks="exact"` to insist; with `"smooth"`, `error_estimate=True` gives the a-posteriori
-estimate of the solve's error (and the layer-gap drift a check on it).
+Exact events grow with the surfaces and each costs a piece restart: the Du–Hu–Lee Fig 2
+network (200,000 surfaces) takes 63,417 events and ~6 h to t = 20 exactly, ~2 min smoothly
+(docs/kinks.md). `kinks="exact"` insists; with `"smooth"`, `error_estimate=True` estimates the
+error the kinks cause.
 """
 
 ERROR_ESTIMATE_FACTOR = 10.0
-"""`error_estimate=True` solves again with rtol and atol divided by this, and reports the
-distance between the two solutions as the estimate of the first one's global error.
+"""`error_estimate=True` solves again with rtol and atol divided by this and reports the distance
+between the two solutions as the first one's estimated global error.
 
-With tolerance proportionality (global error ~ C tol) the tighter solve's own error is a tenth
-of the first's, so the distance estimates the first error to ~10 %. The error of a solve
-through ReLU kinks still scales with the tolerance, on the exact-kink path and on the smooth
-one (where C can be large: a solve chattering along a sliding surface at tol 1e-6 ends 5.7e-4
-from the exact flow). Measured estimate / true error: 0.92 on a smooth flow, 0.92 on the
-exact-kink path and 0.95 on the smooth one through 8 crossings (tests/test_error_estimate.py),
-0.93–1.03 on the smooth path through sliding, 1.04 on the Fig 2 network to t = 0.4. Where
-the error shrinks more slowly than the tolerance the estimate is low: over the Fig 2 flow to
-t = 20 the smooth solve's error falls only ~3.3x per decade of tolerance, and the estimate
-may be up to ~30 % low there (docs/kinks.md).
+With tolerance proportionality the tighter solve's error is a tenth of the first's, so the
+distance estimates the first error to ~10 %: measured estimate / true error 0.92–1.04 on smooth,
+exact-kink and smooth-kink flows (tests/test_error_estimate.py); low (down to ~0.7) where the
+error shrinks more slowly than the tolerance, as through kinks on the smooth path (docs/kinks.md).
 """
 
 DIVERGED = -3
 """`Trajectory.result` of a flow that diverged (see `DIVERGENCE_LOSS_DROP`)."""
 
 DIVERGENCE_LOSS_DROP = 1e6
-"""A failed smooth solve counts as diverged (`DIVERGED`) when, at the time it reached, its
-state or loss is not finite, or its loss has fallen below L(theta_0) by more than this many
-times the scale S = |L(theta_0)| + ||g_0|| ||theta_0|| + ||g_0||^2 (t1 - t0) (g_0: the gradient
-at theta_0; the loss, its first-order change over a move of theta_0's size, and its decrease at
-the initial speed over the horizon). A solve that succeeded but whose loss is not finite at a
-saved time is diverged too.
+"""A failed smooth solve is diverged (`DIVERGED`) when at the time it reached its state or loss
+is not finite, or its loss fell below L(theta_0) by more than this times
+S = |L(theta_0)| + ||g_0|| ||theta_0|| + ||g_0||^2 (t1 - t0) (g_0 the initial gradient).
 
-The loss of a gradient flow only decreases, and a flow can only run off to infinity in finite
-time if its loss falls without bound (dL/dt = -||grad L||^2 bounds the path length by the loss
-decrease), so a loss bounded below by L_min never falls by more than L(theta_0) - L_min: for
-losses >= 0, such as every loss in `flowsim.losses`, at most S. A finite-time blow-up drives
-the loss to -inf, and the solver stalls just before the blow-up with a huge but finite state
-when it cannot resolve the time any finer (dtheta/dt = theta^3 from theta_0 = 1 with Kvaerno5:
-theta ~ 4e6, L ~ -6e25 at t = 0.5 - 1e-14, against S = 2.25), or with a non-finite one.
-S makes the test independent of the units of the loss, parameters and time.
+The loss of a gradient flow only decreases and bounds its path length, so only a loss falling
+without bound can blow up in finite time; losses >= 0 fall by at most S. Measured: dtheta/dt =
+theta^3 from theta_0 = 1 stalls at t = 0.5 - 1e-14 with L ~ -6e25 against S = 2.25.
 """
 
 _EXPLICIT = {
