@@ -16,6 +16,7 @@ from . import (
     schedules as schedules,
     sweep as sweep,
 )
+from ._chebyshev import RKC2 as RKC2
 from ._compare import (
     DiscretizationError as DiscretizationError,
     discretization_error as discretization_error,

@@ -17,6 +17,7 @@ import numpy as np
 import optimistix as optx
 
 from . import invariants as inv
+from ._chebyshev import RKC2
 from ._exact.solve import exact_flow
 from ._kinks import supports_kinks
 from ._precision import PrecisionWarning, warn_tolerance_precision
@@ -34,7 +35,7 @@ from .kinks import ExactKinks, SmoothKinks, warn_auto_smooth
 DENSE_JACOBIAN_MAX = 2000
 """Largest parameter count for which stiff solvers build the dense Jacobian (Rodas5P: its
 symmetric half and a Cholesky factorization; Kvaerno: LU), and `solver="auto"` picks Rodas5P
-for a stiff problem; above it Kvaerno5 matrix-free.
+for a stiff problem; above it RKC2 (Kvaerno matrix-free when named).
 
 Above it the stage equations are solved matrix-free: Newton's method with GMRES on
 Hessian-vector products. A dense n x n float64 Jacobian costs n JVPs and 8 n^2 bytes per step.
@@ -45,8 +46,9 @@ STIFFNESS_THRESHOLD = 1e4
 
 An explicit method needs ~lambda_max (t1 - t0) / 3.3 steps for stability alone (Tsit5's
 interval on the negative real axis is ~[-3.3, 0]): below 1e4 that is comparable to what accuracy
-needs anyway. Above it: Rodas5P up to `DENSE_JACOBIAN_MAX` parameters, Kvaerno5 matrix-free
-beyond. Stiff factorization (lambda_max T = 2e6): Rodas5P 161 steps, Tsit5 > 100,000.
+needs anyway. Above it: Rodas5P up to `DENSE_JACOBIAN_MAX` parameters, RKC2 beyond (at 52k
+parameters 0.08-0.10x Kvaerno5 matrix-free's time at errors 1e-4 to 3e-6,
+benchmarks/stiff_matrix_free.py). Stiff factorization: Rodas5P 161 steps, Tsit5 > 100,000.
 """
 
 SHARPNESS_RTOL = 0.05
@@ -111,7 +113,9 @@ _IMPLICIT = {
 # A gradient flow's Jacobian, -Hessian, is symmetric: Rodas5P differentiates half of it and
 # factorizes by Cholesky; ROS34PW2 reuses one eigendecomposition over steps.
 _ROSENBROCK = {"rodas5p": lambda: Rodas5P(symmetric=True), "ros34pw2": ROS34PW2}
-SOLVERS = ("auto", *_EXPLICIT, *_IMPLICIT, *_ROSENBROCK)
+# Stabilised explicit: gradients and a spectral-radius estimate only (no Jacobian, no solve).
+_CHEBYSHEV = {"rkc2": RKC2}
+SOLVERS = ("auto", *_EXPLICIT, *_IMPLICIT, *_ROSENBROCK, *_CHEBYSHEV)
 
 # New vector-field evaluations per attempted step (first-same-as-last counted once).
 _STAGES = {dfx.Tsit5: 6, dfx.Dopri5: 6, dfx.Dopri8: 13, dfx.Bosh3: 3}
@@ -153,6 +157,8 @@ def make_solver(name: str, n_params: int, atol: float = 1e-10):
         return _implicit(_IMPLICIT[name], n_params, atol)
     if name in _ROSENBROCK:
         return _ROSENBROCK[name]()
+    if name in _CHEBYSHEV:
+        return _CHEBYSHEV[name]()
     raise ValueError(
         f"`solver` must be a diffrax solver or one of {', '.join(SOLVERS)}, got {name!r}"
     )
@@ -167,7 +173,7 @@ def _auto(model, loss, t0, t1, n_params, batched):
         lam = float(sharpness(model, loss, rtol=SHARPNESS_RTOL))
     if lam * abs(t1 - t0) <= STIFFNESS_THRESHOLD:
         return "tsit5", lam
-    return ("rodas5p" if n_params <= DENSE_JACOBIAN_MAX else "kvaerno5"), lam
+    return ("rodas5p" if n_params <= DENSE_JACOBIAN_MAX else "rkc2"), lam
 
 
 def _is_implicit(solver) -> bool:
@@ -339,9 +345,11 @@ def gradient_flow(
       problems up to a few thousand parameters), `"ros34pw2"` (`flowsim.ROS34PW2`: order 3,
       one eigendecomposition reused over steps), `"kvaerno3"`, `"kvaerno4"`, `"kvaerno5"`
       (L-stable ESDIRK; Jacobian dense up to `DENSE_JACOBIAN_MAX` parameters and matrix-free —
-      Newton with GMRES on Hessian-vector products — above), or `"auto"`: if
-      sharpness(theta_0) * (t1 - t0) > `STIFFNESS_THRESHOLD`, Rodas5P up to
-      `DENSE_JACOBIAN_MAX` parameters and Kvaerno5 above, else Tsit5.
+      Newton with GMRES on Hessian-vector products — above), `"rkc2"` (`flowsim.RKC2`:
+      Runge–Kutta–Chebyshev, order 2, s stages from a spectral-radius estimate; gradients
+      only, for stiff problems of any size), or `"auto"`: if sharpness(theta_0) * (t1 - t0) >
+      `STIFFNESS_THRESHOLD`, Rodas5P up to `DENSE_JACOBIAN_MAX` parameters and RKC2 above,
+      else Tsit5.
     - `rtol`, `atol`: the step controller's tolerances. The solve runs in the model's
       precision: for a float32 (or lower) model, tolerances below 100 x its machine epsilon
       (`flowsim._precision.PRECISION_FACTOR`; 1.2e-5 for float32) cannot be met and a

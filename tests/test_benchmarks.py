@@ -15,7 +15,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = ["discretization", "work_precision", "batch_throughput", "gd_throughput",
-           "kinks_batch", "stiff_rosenbrock", "overhead"]
+           "kinks_batch", "stiff_rosenbrock", "overhead", "stiff_matrix_free"]
 
 
 @pytest.mark.slow

@@ -417,3 +417,14 @@ def test_sharpness_early_stop():
     fast = float(flowsim.sharpness(mf, loss, rtol=0.05))
     np.testing.assert_allclose(full, 2 * 3.0, rtol=1e-9)
     assert 0.9 * full <= fast < full  # stopped early (5.85 here), within 10 %
+
+
+def test_auto_above_the_dense_limit_picks_rkc2(monkeypatch):
+    """Stiff and above `DENSE_JACOBIAN_MAX` parameters: the stabilised explicit RKC2 (no
+    Jacobian), which still reaches T = 1e6 on the stiff factorization where Tsit5 cannot."""
+    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", 0)
+    mf, loss = _stiff_problem()
+    traj = flowsim.gradient_flow(mf, loss, 1e6, rtol=1e-6, atol=1e-6)
+    assert traj.solver == "RKC2"
+    assert bool(traj.succeeded) and float(traj.loss[-1]) <= 1e-10, float(traj.loss[-1])
+    assert int(traj.stats["num_steps"]) < 20_000
