@@ -6,6 +6,7 @@ import logging
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def tree_allclose(x, y, *, rtol, atol) -> bool:
@@ -48,3 +49,26 @@ def count_compilations(name: str):
         finally:
             for lg in loggers:
                 lg.removeHandler(handler)
+
+
+def pytree_ode(t, y, args):
+    """A test ODE for solvers: non-autonomous (stage times), nonlinear, with a Jacobian that
+    changes along the solution, on a PyTree state; closed form in `pytree_ode_exact`."""
+    return {"a": -2.0 * (y["a"] - jnp.sin(t)) + jnp.cos(t),
+            "b": 2.0 * y["b"] * (1.0 - y["b"]),
+            "c": -y["c"] ** 3}
+
+
+PYTREE_ODE_Y0 = {"a": 1.0, "b": 0.1, "c": 1.0}
+
+
+def pytree_ode_exact(t):
+    y0 = PYTREE_ODE_Y0
+    return {"a": np.exp(-2.0 * t) * y0["a"] + np.sin(t),
+            "b": 1.0 / (1.0 + (1.0 / y0["b"] - 1.0) * np.exp(-2.0 * t)),
+            "c": 1.0 / np.sqrt(2.0 * t + 1.0 / y0["c"] ** 2)}
+
+
+def fitted_order(hs, errs) -> float:
+    """Least-squares slope of log error against log step."""
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])

@@ -14,23 +14,17 @@ import flowsim
 from flowsim._chebyshev import RKC2, _rkc_step, _stage_count
 from flowsim.models import MLP
 
-from .helpers import tree_max_abs_diff
+from .helpers import (
+    PYTREE_ODE_Y0,
+    fitted_order,
+    pytree_ode,
+    pytree_ode_exact,
+    tree_max_abs_diff,
+)
 
-
-def _vf(t, y, args):
-    # Non-autonomous (tests the stage times), nonlinear, on a PyTree state (as test_rosenbrock).
-    return {"a": -2.0 * (y["a"] - jnp.sin(t)) + jnp.cos(t),
-            "b": 2.0 * y["b"] * (1.0 - y["b"]),
-            "c": -y["c"] ** 3}
-
-
-Y0 = {"a": 1.0, "b": 0.1, "c": 1.0}
-
-
-def _exact(t):
-    return {"a": np.exp(-2.0 * t) * Y0["a"] + np.sin(t),
-            "b": 1.0 / (1.0 + (1.0 / Y0["b"] - 1.0) * np.exp(-2.0 * t)),
-            "c": 1.0 / np.sqrt(2.0 * t + 1.0 / Y0["c"] ** 2)}
+_vf = pytree_ode
+Y0 = PYTREE_ODE_Y0
+_exact = pytree_ode_exact
 
 
 def _flat_vf(t, y):
@@ -38,8 +32,7 @@ def _flat_vf(t, y):
     return jnp.stack([out["a"], out["b"], out["c"]])
 
 
-def _slope(hs, errs):
-    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+_slope = fitted_order
 
 
 def _symmetric(lam, key):

@@ -14,7 +14,13 @@ import flowsim
 from flowsim._rosenbrock import ROS34PW2, Rodas5P, _cholesky_or_lu, _FlatField
 from flowsim.models import MatrixFactorization
 
-from .helpers import tree_max_abs_diff
+from .helpers import (
+    PYTREE_ODE_Y0,
+    fitted_order,
+    pytree_ode,
+    pytree_ode_exact,
+    tree_max_abs_diff,
+)
 
 # (solver, order of the method); ROS34PW2 with max_age=4 reuses a stale Jacobian for up to
 # 4 steps, which a W-method's order must not notice. The test field's Jacobian is diagonal,
@@ -23,21 +29,9 @@ SOLVERS = [(Rodas5P(), 5), (Rodas5P(symmetric=True), 5), (ROS34PW2(max_age=4), 3
 IDS = ["rodas5p", "rodas5p-sym", "ros34pw2-age4"]
 
 
-def _vf(t, y, args):
-    # Non-autonomous (tests the stage times c_i and the d_i h df/dt terms), nonlinear, with a
-    # Jacobian that changes along the solution, on a PyTree state.
-    return {"a": -2.0 * (y["a"] - jnp.sin(t)) + jnp.cos(t),
-            "b": 2.0 * y["b"] * (1.0 - y["b"]),
-            "c": -y["c"] ** 3}
-
-
-Y0 = {"a": 1.0, "b": 0.1, "c": 1.0}
-
-
-def _exact(t):
-    return {"a": np.exp(-2.0 * t) * Y0["a"] + np.sin(t),
-            "b": 1.0 / (1.0 + (1.0 / Y0["b"] - 1.0) * np.exp(-2.0 * t)),
-            "c": 1.0 / np.sqrt(2.0 * t + 1.0 / Y0["c"] ** 2)}
+_vf = pytree_ode
+Y0 = PYTREE_ODE_Y0
+_exact = pytree_ode_exact
 
 
 def _y0():
@@ -48,8 +42,7 @@ def _max_err(y, ref):
     return max(abs(float(y[k]) - float(ref[k])) for k in ref)
 
 
-def _slope(hs, errs):
-    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+_slope = fitted_order
 
 
 @pytest.mark.parametrize("solver,order", SOLVERS, ids=IDS)
