@@ -13,6 +13,7 @@ from . import (
     invariants as invariants,
     losses as losses,
     models as models,
+    problems as problems,
     schedules as schedules,
     sweep as sweep,
 )

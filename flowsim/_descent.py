@@ -77,7 +77,7 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
         return eqx.filter_value_and_grad(lambda q: loss(eqx.combine(q, static)))(p)
 
     def step(carry, k):
-        p, opt_state, ledger, div = carry
+        p, opt_state, ledger, bound, div = carry
         alive = div < 0
         value, g = value_and_grad(p)
         updates, new_opt_state = tx.update(g, opt_state, p)
@@ -89,15 +89,18 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
         keep = div < 0
         p = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_p, p)
         opt_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt_state, opt_state)
+        eta = schedule(k)
+        g_sq = sum(jnp.sum(x**2) for x in jax.tree.leaves(g))
+        bound = bound + jnp.where(keep, eta**2 * g_sq, 0.0).astype(bound.dtype)
         if with_ledger:
-            inc = _unit_increments(eqx.combine(g, static), schedule(k))
+            inc = _unit_increments(eqx.combine(g, static), eta)
             ledger = jax.tree.map(lambda c, d: c + jnp.where(keep, d, 0.0).astype(c.dtype),
                                   ledger, inc)
         value = jnp.where(alive & loss_ok, value, jnp.nan)
-        return (p, opt_state, ledger, div), value
+        return (p, opt_state, ledger, bound, div), value
 
     def chunk(carry, j):
-        saved = (carry[0], carry[2])
+        saved = (carry[0], carry[2], carry[3])
         ks = j * save_every + jnp.arange(save_every, dtype=jnp.int32)
         carry, values = jax.lax.scan(step, carry, ks)
         return carry, (saved, values[0])
@@ -107,11 +110,11 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
         ledger = tuple(jnp.zeros(i.shape[:-1], i.dtype) for i, _ in units)
     else:
         ledger = ()
-    carry = (params, tx.init(params), ledger, jnp.asarray(-1, jnp.int32))
-    carry, ((saved_p, saved_ledger), saved_loss) = jax.lax.scan(
+    carry = (params, tx.init(params), ledger, jnp.zeros((), dtype), jnp.asarray(-1, jnp.int32))
+    carry, ((saved_p, saved_ledger, saved_bound), saved_loss) = jax.lax.scan(
         chunk, carry, jnp.arange(steps // save_every, dtype=jnp.int32)
     )
-    p, _, ledger, div = carry
+    p, _, ledger, bound, div = carry
     final_loss = loss(eqx.combine(p, static))
     final_loss = jnp.where((div < 0) & jnp.isfinite(final_loss), final_loss, jnp.nan)
     div = jnp.where((div < 0) & ~jnp.isfinite(final_loss), steps, div)
@@ -121,7 +124,7 @@ def _single(params, static, loss, schedule, steps: int, save_every: int, with_le
 
     saved_p = jax.tree.map(append, saved_p, p)
     saved_ledger = jax.tree.map(append, saved_ledger, ledger)
-    return saved_p, append(saved_loss, final_loss), saved_ledger, div
+    return saved_p, append(saved_loss, final_loss), saved_ledger, append(saved_bound, bound), div
 
 
 @eqx.filter_jit
@@ -190,12 +193,12 @@ def _gd_solve(params, static, loss, schedule, steps, save_every, batched, with_l
                   save_every=save_every, with_ledger=with_ledger, dtype=dtype)
     if batched:
         run = jax.vmap(run)
-    saved_p, saved_loss, ledger, div = run(params)
+    saved_p, saved_loss, ledger, bound, div = run(params)
     etas = jax.vmap(schedule)(jnp.arange(steps))
     etas = jnp.asarray(etas, saved_loss.dtype)
     t_all = jnp.concatenate([jnp.zeros((1,), etas.dtype), jnp.cumsum(etas)])
     save_steps = jnp.arange(0, steps + 1, save_every)
-    return saved_p, saved_loss, ledger, div, etas, t_all[save_steps], save_steps
+    return saved_p, saved_loss, ledger, bound, div, etas, t_all[save_steps], save_steps
 
 
 def gradient_descent(
@@ -231,8 +234,10 @@ def gradient_descent(
       `DivergenceWarning` names the trajectories and steps and the results are returned.
 
     **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `steps`, `diverged_at`,
-    `ledger` (the GD drift ledger, see `flowsim.invariants.gd_drift_ledger`) and
-    `learning_rates`.
+    `ledger` (the GD drift ledger, see `flowsim.invariants.gd_drift_ledger`),
+    `learning_rates` and `stats["ledger_bound"]`: sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at
+    each saved k, the bound on how far any balance gap (a unit's, a layer's, the Gram gap in
+    Frobenius norm) has drifted by step k.
 
     **Raises:** `ValueError` for bad arguments: NaN or inf in the initial model or the loss's
     data arrays (checked where they are concrete, not under tracing), a schedule not positive
@@ -267,7 +272,7 @@ def gradient_descent(
     with_ledger = hasattr(model, "hidden_units")
     _check_memory(params, int(steps), int(save_every), batch, with_ledger)
     _check_schedule(schedule, int(steps))
-    saved_p, saved_loss, ledger, div, etas, ts, save_steps = _gd_solve(
+    saved_p, saved_loss, ledger, bound, div, etas, ts, save_steps = _gd_solve(
         params, static, loss, schedule, int(steps), int(save_every), batched, with_ledger,
         lowest_precision(params),
     )
@@ -281,6 +286,7 @@ def gradient_descent(
         diverged_at=div,
         ledger=ledger if with_ledger else None,
         learning_rates=etas,
+        stats={"ledger_bound": bound},
         batched=batched,
     )
     _report_divergence(div, throw)

@@ -28,7 +28,8 @@ class Trajectory(eqx.Module):
       reached in `stats["t_reached"]`. Saved times after the time reached hold diffrax's fill
       value (inf) and the loss there.
     - `stats`: solver statistics per trajectory (e.g. `num_steps`, `num_rejected_steps`,
-      `num_grad_evals`, `num_hvp_evals`).
+      `num_grad_evals`, `num_hvp_evals`); for gradient descent
+      `ledger_bound`, sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at each saved k).
     - `ledger`: gradient descent only: for each hidden layer, the cumulative change of every
       unit's balance gap predicted by the GD drift identity, shape `(T, units)` (see
       `flowsim.invariants.gd_drift_ledger`).

@@ -15,147 +15,23 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from .._flow import SOLVERS
+from . import _families
+from ._schema import (
+    _OPTIONAL_SECTIONS,
+    _REQUIRED,
+    METRICS,
+    SCHEMA,
+    SOLVERS,
+    ConfigError,
+    Field as _Field,
+)
 
 __all__ = ["METRICS", "SOLVERS", "Config", "ConfigError", "Point", "load_config"]
 
 SCHEMA_VERSION = 1
-METRICS = ("loss", "invariants", "drift", "ledger", "discretization", "alignment", "solver_stats")
-
-
-class ConfigError(ValueError):
-    """A sweep config that cannot run: the message is one line naming the key and value."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Field:
-    kind: str  # "int", "float", "str", "bool", "int_list", "int_or_all"
-    default: Any = None  # None: required (unless `optional`)
-    check: Callable[[Any], str | None] | None = None
-    choices: tuple | None = None
-    sweepable: bool = True
-    optional: bool = False
-    doc: str = ""
-
-
-def _positive(v):
-    return None if v > 0 else "must be positive"
-
-
-def _nonneg(v):
-    return None if v >= 0 else "must be non-negative"
-
-
-def _delta(v):
-    return None if 0 <= v <= 0.5 else "must be in [0, 1/2]"
-
-
-def _widths(v):
-    if len(v) < 3:
-        return "must list at least three widths (d_in, hidden..., d_out): a hidden layer to balance"
-    if any(w < 1 for w in v):
-        return "widths must be positive"
-    return None
-
-
-_REQUIRED = None
-SCHEMA: dict[str, dict[str, _Field]] = {
-    "problem": {
-        "model": _Field("str", "mlp", choices=("mlp",), doc="network family"),
-        "sizes": _Field("int_list", _REQUIRED, _widths, doc="layer widths (d_in, ..., d_out)"),
-        "activation": _Field("str", "relu", choices=("relu", "leaky_relu", "linear", "tanh")),
-        "negative_slope": _Field("float", 0.01, _nonneg),
-        "data": _Field("str", "gaussian", choices=("gaussian", "separable")),
-        "n": _Field("int", _REQUIRED, _positive, doc="number of training points"),
-        "noise": _Field("float", 0.0, _nonneg),
-        "margin": _Field("float", 0.1, _positive),
-        "loss": _Field("str", "square", choices=("square", "logistic")),
-        "data_seed": _Field("int", 0, _nonneg),
-    },
-    "init": {
-        "scheme": _Field("str", "balanced", choices=("balanced", "unbalanced", "default")),
-        "variance": _Field(
-            "float",
-            1.0,
-            _positive,
-            doc="balanced: entry variance of the last layer; unbalanced: of every "
-            "layer; default: multiplies 1/fan_in",
-        ),
-        "seeds": _Field(
-            "int",
-            _REQUIRED,
-            _positive,
-            sweepable=False,
-            doc="number of random initialisations per grid point",
-        ),
-        "base_seed": _Field("int", 0, _nonneg),
-    },
-    "gd": {
-        "eta0": _Field("float", _REQUIRED, _positive),
-        "delta": _Field("float", 0.0, _delta),
-        "schedule": _Field("str", "power", choices=("power", "constant")),
-        "steps": _Field("int", _REQUIRED, _positive),
-        "save_every": _Field("int", 0, _nonneg, doc="0: about 100 saved iterates"),
-    },
-    "flow": {
-        "solver": _Field("str", "auto", choices=SOLVERS),
-        "rtol": _Field("float", 1e-8, _positive),
-        "atol": _Field("float", 1e-8, _positive),
-        "max_steps": _Field("int", 100_000, _positive),
-        "kinks": _Field(
-            "str",
-            "auto",
-            choices=("auto", "exact", "smooth"),
-            doc="ReLU kinks: exact events + sliding, smooth (adaptive solver as is), or auto "
-                "(exact up to 20,000 pre-activation surfaces)",
-        ),
-        "max_events": _Field("int", 10_000, _positive, doc="kink events before a solve fails"),
-        "error_estimate": _Field(
-            "bool",
-            False,
-            sweepable=False,
-            optional=True,
-            doc="also solve at tolerances / 10 and record flow_error_estimate (with "
-                "solver_stats): the estimated relative global error of each flow",
-        ),
-        "t1": _Field(
-            "float",
-            0.0,
-            _positive,
-            optional=True,
-            doc="flow horizon; only without [gd] (with [gd] the flow follows GD times)",
-        ),
-        "saves": _Field(
-            "int",
-            101,
-            lambda v: None if v >= 2 else "must be at least 2",
-            doc="number of equally spaced save times; only without [gd]",
-        ),
-    },
-    "metrics": {
-        "record": _Field(
-            "str_set",
-            "all",
-            sweepable=False,
-            doc=f'metrics to record, from {", ".join(METRICS)}, or "all"',
-        ),
-    },
-    "run": {
-        "devices": _Field(
-            "int_or_all",
-            "all",
-            sweepable=False,
-            doc='devices to shard the seeds over: "all" or a number',
-        ),
-        "batch_size": _Field(
-            "int", 0, _nonneg, sweepable=False, doc="seeds per compiled call; 0: all seeds at once"
-        ),
-    },
-}
-_OPTIONAL_SECTIONS = ("gd", "flow")  # present = run it
 
 
 def _describe(kind, choices):
@@ -167,6 +43,8 @@ def _describe(kind, choices):
         "str": "a string",
         "bool": "true or false",
         "int_list": "a list of integers",
+        "float_list": "a list of numbers",
+        "any": "a TOML value",
         "str_set": 'a list of metric names or "all"',
         "int_or_all": 'a positive integer or "all"',
     }[kind]
@@ -211,6 +89,14 @@ def _check_scalar(where: str, value, field: _Field):
             isinstance(v, bool) or not isinstance(v, int) for v in value
         ):
             raise bad(f"must be {_describe(kind, None)}")
+    elif kind == "float_list":
+        if not isinstance(value, list) or any(
+            isinstance(v, bool) or not isinstance(v, int | float) for v in value
+        ):
+            raise bad(f"must be {_describe(kind, None)}")
+        if not all(math.isfinite(v) for v in value):
+            raise bad("must be finite")
+        value = [float(v) for v in value]
     if field.choices is not None and value not in field.choices:
         raise bad(f"must be {_describe(kind, field.choices)}")
     if field.check is not None:
@@ -221,7 +107,7 @@ def _check_scalar(where: str, value, field: _Field):
 
 
 def _is_axis(value, field: _Field) -> bool:
-    if field.kind == "int_list":
+    if field.kind in ("int_list", "float_list"):
         return isinstance(value, list) and bool(value) and all(isinstance(v, list) for v in value)
     return isinstance(value, list)
 
@@ -237,7 +123,7 @@ def _validate_section(prefix: str, name: str, raw, schema: Mapping[str, _Field])
     for key, field in schema.items():
         where = f"{prefix}[{name}].{key}"
         if key not in raw:
-            if field.default is _REQUIRED:
+            if field.default is _REQUIRED and not field.optional:
                 raise ConfigError(f"{where}: missing; {field.doc or 'required'}")
             if field.kind == "str_set":
                 out[key] = _check_metrics(where, field.default)
@@ -310,6 +196,11 @@ class Config:
     axes: tuple[tuple[str, str], ...]
     source: str | None
     path: str
+    explicit_metrics: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.sections["problem"]["kind"]
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -361,7 +252,7 @@ class Config:
 
     def digest(self) -> str:
         """A hash of the validated config: same digest, same grid and results."""
-        blob = json.dumps({"v": SCHEMA_VERSION, "c": self.sections}, sort_keys=True)
+        blob = json.dumps({"v": SCHEMA_VERSION, "c": _hashable(self.sections)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -374,9 +265,20 @@ def coord_value(v):
 
 def point_key(params) -> str:
     """Hash of a point's resolved parameters (run-only settings excluded: they change no result)."""
-    core = {k: v for k, v in params.items() if k != "run"}
+    core = {k: v for k, v in _hashable(params).items() if k != "run"}
     blob = json.dumps({"v": SCHEMA_VERSION, "p": core}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashable(sections):
+    """The sections as hashed: an "mlp" problem keeps the key `model` that it had before
+    problem families existed, so that stores written then still resume."""
+    problem = sections.get("problem", {})
+    if problem.get("kind") != "mlp":
+        return sections
+    out = dict(sections)
+    out["problem"] = {("model" if k == "kind" else k): v for k, v in problem.items()}
+    return out
 
 
 def default_save_every(steps: int, target: int = 100) -> int:
@@ -405,14 +307,15 @@ def _cross_checks(prefix: str, sections, axes) -> None:
     has_gd, has_flow = "gd" in sections, "flow" in sections
     if not (has_gd or has_flow):
         raise ConfigError(f"{prefix}nothing to run: add a [gd] section, a [flow] section or both")
-    for sizes in values("problem", "sizes"):
+    kind = sections["problem"]["kind"]
+    for sizes in values("problem", "sizes") if kind == "mlp" else ():
         for loss in values("problem", "loss"):
             if loss == "logistic" and sizes[-1] != 1:
                 raise ConfigError(
                     f"{prefix}[problem].sizes = {_fmt(sizes)}: the logistic loss needs one "
                     f"output (last width 1)"
                 )
-    for data in values("problem", "data"):
+    for data in values("problem", "data") if kind == "mlp" else ():
         for loss in values("problem", "loss"):
             if loss == "logistic" and data != "separable":
                 raise ConfigError(
@@ -421,12 +324,29 @@ def _cross_checks(prefix: str, sections, axes) -> None:
                 )
     if has_flow and "exact" in values("flow", "kinks"):
         for act in values("problem", "activation"):
-            if act not in ("relu", "leaky_relu"):
+            if _families.has_kinks(kind, act) is False:
+                what = (f"[problem].activation = {json.dumps(act)}" if act is not None
+                        else f"kind = {json.dumps(kind)}")
                 raise ConfigError(
                     f'{prefix}[flow].kinks = "exact": needs a ReLU or leaky-ReLU network, but '
-                    f"[problem].activation = {json.dumps(act)} has no kinks; use kinks = "
-                    f'"auto" or "smooth"'
+                    f'{what} has no kinks; use kinks = "auto" or "smooth"'
                 )
+    if kind == "two_layer_relu":
+        for dim in values("problem", "dim"):
+            for labels in values("problem", "labels"):
+                if len(labels) > dim:
+                    raise ConfigError(
+                        f"{prefix}[problem].labels = {_fmt(labels)}: one label per orthogonal "
+                        f"input, and R^{dim} holds at most {dim} ([problem].dim)"
+                    )
+    if kind == "factorization":
+        for shape in values("problem", "shape"):
+            for spec in values("problem", "spectrum"):
+                if len(spec) > min(shape):
+                    raise ConfigError(
+                        f"{prefix}[problem].spectrum = {_fmt(spec)}: a {shape[0]} x {shape[1]} "
+                        f"target has at most {min(shape)} singular values"
+                    )
     if has_gd and ("gd", "delta") in axes and "constant" in values("gd", "schedule"):
         raise ConfigError(
             f'{prefix}[gd].delta is a sweep axis, but schedule = "constant" ignores it (every '
@@ -478,11 +398,16 @@ def validate(raw: Mapping, path: str = "<config>") -> Config:
     for name in ("problem", "init"):
         if name not in raw:
             raise ConfigError(f"{prefix}[{name}]: missing section")
+    kind = _families.kind_of(prefix, raw)
     sections: dict[str, dict[str, Any]] = {}
     axes: list[tuple[str, str]] = []
     for name, schema in SCHEMA.items():
         if name in _OPTIONAL_SECTIONS and name not in raw:
             continue
+        if name == "problem":
+            schema = _families.problem_schema(kind, raw.get(name))
+        elif name == "init":
+            schema = _families.init_schema(prefix, kind, schema, raw.get(name))
         section = _validate_section(prefix, name, raw.get(name, {}), schema)
         for key, field in schema.items():
             if (
@@ -492,6 +417,8 @@ def validate(raw: Mapping, path: str = "<config>") -> Config:
             ):
                 axes.append((name, key))
         sections[name] = section
+    _families.fill_defaults(kind, sections)
+    _families.check_user(prefix, kind, sections, set(axes))
     metrics_raw = raw.get("metrics", {})
     explicit = isinstance(metrics_raw, dict) and "record" in metrics_raw
     flow_raw = raw.get("flow", {}) if isinstance(raw.get("flow", {}), dict) else {}
@@ -501,6 +428,7 @@ def validate(raw: Mapping, path: str = "<config>") -> Config:
         sections["flow"]["_t1_given"] = "t1" in flow_raw
         sections["flow"]["_saves_given"] = "saves" in flow_raw
     _cross_checks(prefix, sections, set(axes))
+    _check_metrics_apply(prefix, kind, sections)
     sections["metrics"].pop("_explicit")
     if "flow" in sections:
         sections["flow"].pop("_t1_given")
@@ -514,7 +442,24 @@ def validate(raw: Mapping, path: str = "<config>") -> Config:
     if "gd" not in sections:
         record = [m for m in record if m != "ledger"]
     sections["metrics"]["record"] = record
-    return Config(sections, tuple(axes), None, path)
+    return Config(sections, tuple(axes), None, path, explicit_metrics=explicit
+                  and metrics_raw["record"] != "all")
+
+
+def _check_metrics_apply(prefix: str, kind: str, sections) -> None:
+    """Asked-for metrics the family cannot produce: an error; "all": the ones it can."""
+    can = _families.applicable_metrics(kind)
+    if can is None:
+        return
+    record = sections["metrics"]["record"]
+    if sections["metrics"]["_explicit"]:
+        bad = [m for m in record if m not in can]
+        if bad:
+            raise ConfigError(
+                f"{prefix}[metrics].record: {json.dumps(bad[0])} does not apply to kind = "
+                f"{json.dumps(kind)}; it records {', '.join(m for m in METRICS if m in can)}"
+            )
+    sections["metrics"]["record"] = [m for m in record if m in can]
 
 
 def load_config(config: "str | os.PathLike | Mapping | Config") -> Config:

@@ -6,7 +6,6 @@ the store turns them into a labelled dataset. Nothing here writes files.
 
 import time
 import warnings
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -14,54 +13,17 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import data as _data, invariants as _inv, losses as _losses, schedules as _schedules
+from .. import invariants as _inv, schedules as _schedules
 from .._descent import DivergenceWarning, gradient_descent
-from ..init import balanced_stds
-from ..models import MLP
+from . import _families
 from ._config import Point
 
 Arrays = dict[str, tuple[tuple[str, ...], np.ndarray]]
 
 
-class Problem(eqx.Module):
-    """The data, loss and model factory of one grid point (shared by all its seeds)."""
-
-    X: jax.Array
-    loss: Any
-    sizes: tuple[int, ...] = eqx.field(static=True)
-    activation: str = eqx.field(static=True)
-    negative_slope: float = eqx.field(static=True)
-    init_std: tuple[float, ...] | None = eqx.field(static=True)
-
-    def model(self, key):
-        return MLP(
-            self.sizes,
-            self.activation,
-            init_std=self.init_std,
-            negative_slope=self.negative_slope,
-            key=key,
-        )
-
-
-def build_problem(params) -> Problem:
-    p, init = params["problem"], params["init"]
-    sizes = tuple(p["sizes"])
-    key = jr.key(p["data_seed"])
-    if p["data"] == "gaussian":
-        X, Y = _data.gaussian_regression(p["n"], sizes[0], sizes[-1], noise=p["noise"], key=key)
-    else:
-        X, Y = _data.separable(p["n"], sizes[0], margin=p["margin"], key=key)
-        if sizes[-1] != 1:
-            raise ValueError("separable data has one label per point: the last width must be 1")
-    loss = _losses.square(X, Y) if p["loss"] == "square" else _losses.logistic(X, Y)
-    v = init["variance"]
-    if init["scheme"] == "balanced":
-        stds = balanced_stds(sizes, v)
-    elif init["scheme"] == "unbalanced":
-        stds = (v**0.5,) * (len(sizes) - 1)
-    else:
-        stds = tuple((v / d) ** 0.5 for d in sizes[:-1])
-    return Problem(X, loss, sizes, p["activation"], float(p["negative_slope"]), tuple(stds))
+def build_problem(params):
+    """The problem of one grid point (built once per distinct `[problem]` and `[init]`)."""
+    return _families.cached_build(params)
 
 
 def schedule_of(gd):
@@ -94,9 +56,16 @@ def _shard(tree, mesh):
 
 
 @eqx.filter_jit
-def _init_batch(problem: Problem, base_seed, idx):
+def _init_batch(problem, base_seed, idx):
     keys = jax.vmap(lambda i: jr.fold_in(jr.key(base_seed), i))(idx)
-    return eqx.filter_vmap(problem.model)(keys)
+    return eqx.filter_vmap(problem.init)(keys)
+
+
+@eqx.filter_jit
+def _problem_metrics(problem, models):
+    """The problem's own metrics of a batched trajectory: arrays with axes (seed, time)."""
+    values = eqx.filter_vmap(problem.metrics)(models)
+    return {name: (("seed", "time"), v) for name, v in values.items()}
 
 
 @eqx.filter_jit
@@ -158,14 +127,13 @@ def _to_numpy(arrays, real: int) -> Arrays:
     return out
 
 
-def run_chunk(
-    point: Point, problem: Problem, idx: np.ndarray, real: int, mesh
-) -> tuple[Arrays, dict]:
+def run_chunk(point: Point, problem, idx: np.ndarray, real: int, mesh) -> tuple[Arrays, dict]:
     """Runs the seeds `idx` of one point as one batched call; returns metrics and timings."""
     import flowsim as _api  # the flow solver and comparison, looked up at call time
 
     params = point.params
-    record = tuple(params["metrics"]["record"])
+    can = _families.supported_metrics(problem)
+    record = tuple(m for m in params["metrics"]["record"] if m in can)
     timings: dict[str, float] = {}
     idx_dev = _shard(jnp.asarray(idx, jnp.int32), mesh)
     models = _block(_init_batch(problem, params["init"]["base_seed"], idx_dev))
@@ -196,8 +164,13 @@ def run_chunk(
         arrays["eta_sq_sum"] = (("time",), lr2[steps])
         for name, v in _traj_metrics(gd_traj, record).items():
             arrays[f"{name}_gd"] = v
-        if "ledger" in record and gd_traj.ledger is not None:
-            arrays.update(_ledger_metrics(gd_traj))
+        if "problem" in record:
+            for name, v in _problem_metrics(problem, gd_traj.models).items():
+                arrays[f"{name}_gd"] = v
+        if "ledger" in record:
+            arrays["ledger_bound"] = (("seed", "time"), gd_traj.stats["ledger_bound"])
+            if gd_traj.ledger is not None:
+                arrays.update(_ledger_metrics(gd_traj))
         arrays["gd_diverged_at"] = (("seed",), gd_traj.diverged_at)
     if "flow" in params:
         fl = params["flow"]
@@ -230,6 +203,9 @@ def run_chunk(
         arrays["t_flow"] = (("time",), ts)
         for name, v in _traj_metrics(flow_traj, record).items():
             arrays[f"{name}_flow"] = v
+        if "problem" in record:
+            for name, v in _problem_metrics(problem, flow_traj.models).items():
+                arrays[f"{name}_flow"] = v
         arrays["flow_result"] = (("seed",), flow_traj.result)
         if "solver_stats" in record:
             for k, v in flow_traj.stats.items():
@@ -237,7 +213,7 @@ def run_chunk(
                     arrays[f"flow_{k}"] = (("seed",), v)
     if gd_traj is not None and flow_traj is not None and "discretization" in record:
         t = time.perf_counter()
-        err = _api.discretization_error(gd_traj, flow_traj, inputs=problem.X)
+        err = _api.discretization_error(gd_traj, flow_traj, inputs=problem.inputs)
         arrays["disc_parameter"] = (("seed", "time"), err.parameter)
         arrays["disc_function"] = (("seed", "time"), err.function)
         arrays["disc_loss_gap"] = (("seed", "time"), err.loss_gap)

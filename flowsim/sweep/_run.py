@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from . import _memory, _point, _store
+from . import _families, _memory, _point, _store
 from ._config import Config, ConfigError, Point, load_config
 
 
@@ -183,9 +183,11 @@ def run(
     if dry_run:
         if progress:
             _print_plan(cfg, out, n_dev)
+        _check_metrics_supported(cfg)
         _memory.check(cfg, used)
         _store.check_out_dir(out)
         return SweepResult(out, cfg.num_points, 0, 0, 0.0)
+    _check_metrics_supported(cfg)
     _memory.check(cfg, used)
     points = cfg.points()
     lock = _store.open_store(out, cfg, resume=resume) if leader else None
@@ -195,6 +197,22 @@ def run(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_metrics_supported(cfg: Config) -> None:
+    """A problem of the user's own whose model cannot give an asked-for metric: refused before
+    any work (with `record = "all"` the sweep records what it can)."""
+    if not cfg.explicit_metrics:
+        return
+    problem = _point.build_problem(next(cfg.iter_points()).params)
+    can = _families.supported_metrics(problem)
+    bad = [m for m in cfg.metrics if m not in can]
+    if bad:
+        raise ConfigError(
+            f"{cfg.path}: [metrics].record: {json.dumps(bad[0])} needs a "
+            f"flowsim.models.AbstractModel (alignment: two adjacent matrix layers); "
+            f"{type(_families.model_template(problem)).__name__} is not; remove it"
+        )
 
 
 def _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet, max_points,
@@ -279,6 +297,8 @@ def _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet, ma
 def _run_point(point: Point, n_dev: int, mesh, meta: dict):
     params = point.params
     problem = _point.build_problem(params)
+    meta = {**meta, "problem_kind": params["problem"]["kind"],
+            "problem_panels": json.dumps([p.to_json() for p in problem.panels])}
     n_proc, proc = jax.process_count(), jax.process_index()
     chunks = _point.seed_layout(params["init"]["seeds"], n_dev, n_proc, params["run"]["batch_size"])
     parts = []
