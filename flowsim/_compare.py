@@ -21,7 +21,8 @@ class DiscretizationError(eqx.Module):
     - `function`: root-mean-square over the inputs of ||f_GD(x) - f_flow(x)||_2 (NaN without
       inputs).
     - `loss_gap`: L(theta_GD) - L(theta_flow).
-    - `gd_drift`, `flow_drift`: max over layers of |layer gap(t_k) - layer gap(0)|.
+    - `gd_drift`, `flow_drift`: max over layers of |layer gap(t_k) - layer gap(0)| (NaN for a
+      model without `hidden_units()`, which has no balance gaps).
     """
 
     parameter: Float[Array, "*batch time"]
@@ -98,6 +99,8 @@ def discretization_error(
 
 
 def _max_layer_drift(traj: Trajectory):
+    if not hasattr(traj.models, "hidden_units"):  # no balance gaps to drift
+        return jnp.full(traj.ts.shape, jnp.nan, traj.loss.dtype)
     fn = eqx.filter_vmap(layer_gaps)
     if traj.batched:
         fn = eqx.filter_vmap(fn)

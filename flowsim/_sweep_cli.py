@@ -43,6 +43,12 @@ def add_parsers(sub) -> None:
         help="stop after N points (the rest stay for a later run)",
     )
     p.add_argument("--report", action="store_true", help="write the report when done")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the config end to end in seconds: 2 seeds, at most 20 GD steps and 11 "
+        "flow saves, into OUT (default runs/<config name>-smoke)",
+    )
     g = p.add_argument_group("multi-process (jax.distributed)")
     g.add_argument(
         "--distributed",
@@ -58,8 +64,8 @@ def add_parsers(sub) -> None:
     r = sub.add_parser(
         "report",
         help="figures and a table of headline numbers from a sweep directory",
-        description="Write drift.png, discretization.png, loss.png, summary.md and summary.csv "
-        "to DIR/report/.",
+        description="Write drift.png, discretization.png, loss.png, problem.png (the problem "
+        "family's own quantities), summary.md and summary.csv to DIR/report/.",
     )
     r.add_argument("dir", metavar="DIR")
     r.add_argument("--dest", metavar="DIR", help="write here instead of DIR/report")
@@ -104,6 +110,7 @@ def _sweep(args) -> int:
             quiet=args.quiet,
             devices=args.devices,
             max_points=args.max_points,
+            smoke=args.smoke,
         )
         if args.report and not args.dry_run:
             import jax

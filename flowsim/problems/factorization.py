@@ -25,8 +25,11 @@ class FactorizationProblem(AbstractProblem):
     balanced: bool = eqx.field(static=True)
 
     panels = (
+        Panel("Gram gap ‖UᵀU − VᵀV‖_F", ("gram_gap",)),
         Panel("Gram-gap drift ‖G_t − G_0‖_F, G = UᵀU − VᵀV; dotted: ledger bound "
               "Σ η_k²‖∇L_k‖²", ("gram_drift",), bound="ledger_bound"),
+        Panel("schedule term Σ_{i<k} η_i²: bounded iff δ > 0, ~η0² log k at δ = 0", (),
+              bound="eta_sq_sum"),
         Panel("size of the iterates √(‖U‖² + ‖V‖²)", ("param_norm",), logy=False),
         Panel("relative error ‖UVᵀ − M‖_F / ‖M‖_F", ("relative_error",)),
     )

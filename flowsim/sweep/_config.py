@@ -32,6 +32,9 @@ from ._schema import (
 __all__ = ["METRICS", "SOLVERS", "Config", "ConfigError", "Point", "load_config"]
 
 SCHEMA_VERSION = 1
+SMOKE_SEEDS = 2
+SMOKE_STEPS = 20
+SMOKE_SAVES = 11
 
 
 def _describe(kind, choices):
@@ -250,6 +253,29 @@ class Config:
     def to_dict(self) -> dict:
         return copy.deepcopy(self.sections)
 
+    def smoke(self) -> "Config":
+        """The same grid, cut to check a config end to end in seconds: at most `SMOKE_SEEDS`
+        seeds, `SMOKE_STEPS` GD steps (about 10 saved) and `SMOKE_SAVES` flow saves. Its digest
+        differs: it is a store of its own."""
+        sections = copy.deepcopy(self.sections)
+        sections["init"]["seeds"] = min(sections["init"]["seeds"], SMOKE_SEEDS)
+        cuts = [("gd", "steps", lambda v: min(v, SMOKE_STEPS)),
+                ("flow", "saves", lambda v: min(v, SMOKE_SAVES))]
+        for section, key, cut in cuts:
+            if section not in sections or key not in sections[section]:
+                continue
+            v = sections[section][key]
+            sections[section][key] = (list(dict.fromkeys(cut(x) for x in v))
+                                      if (section, key) in self.axes else cut(v))
+        if "gd" in sections:
+            sections["gd"]["save_every"] = 0
+        axes = tuple((s, k) for s, k in self.axes
+                     if not isinstance(sections[s][k], list) or len(sections[s][k]) > 1
+                     or sections[s][k] == self.sections[s][k])
+        for s, k in set(self.axes) - set(axes):
+            sections[s][k] = sections[s][k][0]
+        return Config(sections, axes, None, f"{self.path} (smoke)", self.explicit_metrics)
+
     def digest(self) -> str:
         """A hash of the validated config: same digest, same grid and results."""
         blob = json.dumps({"v": SCHEMA_VERSION, "c": _hashable(self.sections)}, sort_keys=True)
@@ -418,7 +444,7 @@ def validate(raw: Mapping, path: str = "<config>") -> Config:
                 axes.append((name, key))
         sections[name] = section
     _families.fill_defaults(kind, sections)
-    _families.check_user(prefix, kind, sections, set(axes))
+    _families.check_user(prefix, kind, sections, set(axes), path)
     metrics_raw = raw.get("metrics", {})
     explicit = isinstance(metrics_raw, dict) and "record" in metrics_raw
     flow_raw = raw.get("flow", {}) if isinstance(raw.get("flow", {}), dict) else {}

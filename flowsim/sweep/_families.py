@@ -3,6 +3,8 @@ its checks and its metrics; and building a grid point's problem."""
 
 import inspect
 import json
+import os
+import sys
 from typing import Any
 
 from .. import problems as _problems
@@ -69,10 +71,15 @@ def fill_defaults(kind: str, sections) -> None:
     sections["init"].setdefault("variance", params["variance"].default)
 
 
-def check_user(prefix: str, kind: str, sections, axes) -> None:
-    """The factory imports and takes the `[problem]` keys (first value of each axis)."""
+def check_user(prefix: str, kind: str, sections, axes, path: str | None = None) -> None:
+    """The factory imports and takes the `[problem]` keys (first value of each axis). A module
+    next to the config file `path` is found: its directory joins the end of `sys.path`."""
     if kind in _problems.FAMILIES:
         return
+    if path and os.path.isfile(path):
+        here = os.path.dirname(os.path.abspath(path))
+        if here not in sys.path:
+            sys.path.append(here)
     args = {k: (v[0] if ("problem", k) in axes else v)
             for k, v in sections["problem"].items() if k != "kind"}
     try:

@@ -77,7 +77,8 @@ def _traj_metrics(traj, record: tuple[str, ...]):
         out["loss"] = (("seed", "time"), traj.loss)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _inv.NotConservedWarning)
-        gaps = _inv.layer_gaps(models)  # (seed, time, layer)
+        if "invariants" in record or "drift" in record:
+            gaps = _inv.layer_gaps(models)  # (seed, time, layer)
         if "invariants" in record:
             out["layer_gap"] = (("seed", "time", "layer"), gaps)
             out["layer_norm"] = (("seed", "time", "layer"), _inv.layer_norms(models))

@@ -7,6 +7,9 @@ Figures (PNG, matplotlib Agg) go to `OUT/report/`:
   10-90 % band;
 - `discretization.png`: ||theta_GD(t_k) - theta_flow(t_k)|| vs time and vs the step size eta_k;
 - `loss.png`: loss vs time, GD and flow, median with seed band;
+- `problem.png`: the problem family's own quantities (`flowsim.problems.Panel`), e.g. for
+  factorization the Gram-gap drift next to its ledger bound, the size of the iterates and the
+  relative error; for the two-layer ReLU net the variation norm against its minimum;
 - `summary.md`, `summary.csv`: one row per grid point.
 
 Every aggregate (medians, bands, maxima, means) is over the seeds of a grid point that neither
@@ -307,6 +310,91 @@ def _fig_loss(points, path, seeds, note=""):
     plt.close(fig)
 
 
+def _panels(ds) -> list[dict]:
+    """The problem family's report panels (`flowsim.problems.Panel`), as stored by the sweep."""
+    return json.loads(ds.attrs.get("problem_panels", "[]") or "[]")
+
+
+def _fig_problem(points, panels, path, seeds, note=""):
+    """One panel per `Panel` of the problem family: its metrics along GD (solid, wide) and the
+    flow (dashed), a stored bound dotted, a closed-form reference in black."""
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols + 2.6, 3.8 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    colors = _colors(len(points))
+    for ax, panel in zip(axes.flat, panels):
+        log = panel["logy"]
+        t_max, t_min = 0.0, np.inf
+        for (label, sub), c in zip(points, colors):
+            for m in panel["metrics"]:
+                if f"{m}_gd" in sub:
+                    t = _time(sub, "gd")
+                    _band(ax, t, sub[f"{m}_gd"].values, c, f"{label} GD", lw=3.2, alpha=0.55,
+                          log=log)
+                if f"{m}_flow" in sub:
+                    t = _time(sub, "flow")
+                    _band(ax, t, sub[f"{m}_flow"].values, c, f"{label} flow", style="--",
+                          lw=1.3, log=log)
+                pos = t[np.isfinite(t) & (t > 0)]
+                if pos.size:
+                    t_max, t_min = max(t_max, pos.max()), min(t_min, pos.min())
+            bound = panel.get("bound")
+            if bound and bound in sub:
+                v = np.asarray(sub[bound].values, float)
+                t = _time(sub, "gd")
+                _band(ax, t, v if v.ndim > 1 else v[None], c, f"{label} {bound}", style=":",
+                      lw=1.6, log=log)
+                pos = t[np.isfinite(t) & (t > 0)]
+                if pos.size:
+                    t_max, t_min = max(t_max, pos.max()), min(t_min, pos.min())
+            ref = panel.get("reference")
+            for which in ("gd", "flow"):
+                if ref and f"{ref}_{which}" in sub:
+                    v = np.asarray(sub[f"{ref}_{which}"].values, float)
+                    if np.isfinite(v).any():
+                        ax.axhline(float(np.nanmedian(v)), color="k", lw=0.9)
+                    break
+        if t_max / t_min > 10:
+            ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(panel["title"], fontsize=9.5)
+        ax.set_xlabel(r"time $t$   (GD iterate $k$ at $t_k = \sum_{i<k} \eta_i$)")
+        ax.grid(True, which="major", alpha=0.3)
+    for r in range(rows):
+        axes[r, 0].set_ylabel("median, 10–90 % band over seeds")
+    fig.suptitle(
+        f"{points[0][1].attrs.get('problem_kind', 'problem')}: GD (solid) vs gradient flow "
+        f"(dashed); {seeds} seeds per point" + (f"\n({note})" if note else ""),
+        fontsize=11,
+    )
+    _finish(fig, list(axes.flat), path)
+    plt.close(fig)
+
+
+def _problem_columns(row, sub, panels) -> None:
+    """Table cells of the family's metrics: final values (median over seeds) and, where a
+    panel has a bound, the largest ratio of the GD metric to it."""
+    for panel in panels:
+        for m in panel["metrics"]:
+            for which, name in (("gd", "GD"), ("flow", "flow")):
+                if f"{m}_{which}" in sub:
+                    row[f"final {m} {name} (median)"] = _nanmax_seedmedian(
+                        sub[f"{m}_{which}"].values[:, -1:], (1,))
+            bound = panel.get("bound")
+            if bound and bound in sub and f"{m}_gd" in sub:
+                v = np.asarray(sub[f"{m}_gd"].values, float)[:, 1:]
+                b = np.asarray(sub[bound].values, float)[:, 1:]
+                with np.errstate(all="ignore"):
+                    row[f"{m} / {bound} (max)"] = _nanmax(np.where(b > 0, v / b, np.nan))
+
+
 def _nanmax_seedmedian(a, reduce_axes):
     """Median over seeds (axis 0) of each seed's largest |value| over `reduce_axes`; NaN when
     there is no seed or no finite value."""
@@ -331,6 +419,7 @@ def _table(points, ds):
     """One row per grid point. Aggregates are over the point's kept seeds (see `_kept`);
     "excluded seeds", "GD diverged" and "flow failed" count over all its seeds."""
     rows = []
+    panels = _panels(ds)
     axes = json.loads(ds.attrs.get("grid_axes", "[]"))
     for _label, full in points:
         row = {a: _num(full[a].values.item()) for a in axes}
@@ -352,6 +441,7 @@ def _table(points, ds):
             )
         if "ledger_error" in sub:
             row["ledger error (max)"] = _nanmax(sub["ledger_error"].values)
+        _problem_columns(row, sub, panels)
         if "disc_parameter" in sub:
             row["max ‖θ_GD − θ_flow‖ (median)"] = _nanmax_seedmedian(
                 sub["disc_parameter"].values, (1,)
@@ -421,6 +511,12 @@ def report(out, *, dest=None) -> list[pathlib.Path]:
     if "loss_gd" in first or "loss_flow" in first:
         _fig_loss(shown, dest / "loss.png", seeds, note)
         written.append(dest / "loss.png")
+    panels = [p for p in _panels(ds)
+              if any(f"{m}_{w}" in first for m in p["metrics"] for w in ("gd", "flow"))
+              or p.get("bound") in first]
+    if panels:
+        _fig_problem(shown, panels, dest / "problem.png", seeds, note)
+        written.append(dest / "problem.png")
     rows = _table(points, ds)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(dest / "summary.csv", "w", newline="") as f:

@@ -133,6 +133,7 @@ def run(
     progress: bool = True,
     devices: int | None = None,
     max_points: int | None = None,
+    smoke: bool = False,
 ) -> SweepResult:
     """Runs a sweep: every grid point of `config`, its seeds as one batched call sharded over
     the devices, each finished point written atomically to the store `out`.
@@ -149,6 +150,8 @@ def run(
     - `devices`: number of local devices to shard the seeds over (default: `[run].devices`,
       "all" = every visible device).
     - `max_points`: stop after running this many points (the rest stay for a later run).
+    - `smoke`: run the config cut to seconds (`Config.smoke`: 2 seeds, 20 GD steps, 11 flow
+      saves), into `runs/<config file stem>-smoke` by default: checks a config end to end.
 
     **Returns:** a `SweepResult`; load the store with `flowsim.sweep.load(result.out)`.
 
@@ -165,13 +168,15 @@ def run(
     """
     t_start = time.perf_counter()
     cfg = load_config(config)
+    if smoke:
+        cfg = cfg.smoke()
     if out is None:
         stem = (
             pathlib.Path(os.fspath(config)).stem
             if isinstance(config, str | os.PathLike) and "\n" not in os.fspath(config)
             else "sweep"
         )
-        out = pathlib.Path("runs") / stem
+        out = pathlib.Path("runs") / (stem + ("-smoke" if smoke else ""))
     out = pathlib.Path(out)
     n_proc, proc = jax.process_count(), jax.process_index()
     leader = proc == 0
