@@ -1,14 +1,16 @@
 """Boursier, Pillaud-Vivien, Flammarion (2022): shallow ReLU net, orthogonal inputs, square loss.
 
 f(x) = sum_j a_j relu(<w_j, x>), n pairwise orthogonal inputs (`flowsim.data.orthogonal_inputs`)
-with labels of both signs, loss 1/(2n) sum (f(x_i) - y_i)^2, small initialisation. The paper:
-early alignment of the neurons to a few key directions, saddle-to-saddle loss plateaus,
-convergence to zero loss, and an implicit bias towards the minimum variation-norm interpolator.
+with labels of both signs, loss 1/(2n) sum (f(x_i) - y_i)^2, small initialisation (the problem
+`flowsim.problems.two_layer_relu`). The paper: early alignment of the neurons to a few key
+directions, saddle-to-saddle loss plateaus, convergence to zero loss, and an implicit bias
+towards the minimum variation-norm interpolator.
 
 **Minimum variation norm, computed two ways.** min sum_j |a_j| ||w_j|| subject to f(x_i) = y_i:
 
-1. closed form for orthogonal inputs: a neuron's outputs on the data form a vector p >= 0 with
-   cost at least ||D^-1 p|| (D = diag ||x_i||, since ||w|| >= ||sum_i (p_i/||x_i||^2) x_i||);
+1. closed form for orthogonal inputs (`flowsim.problems.two_layer.min_variation_norm`): a
+   neuron's outputs on the data form a vector p >= 0 with cost at least ||D^-1 p||
+   (D = diag ||x_i||, since ||w|| >= ||sum_i (p_i/||x_i||^2) x_i||);
    neurons of the same output sign merge at no extra cost (triangle inequality), so the minimum
    is min_{p, q >= 0, p - q = y} ||D^-1 p|| + ||D^-1 q|| = ||D^-1 y_+|| + ||D^-1 y_-||;
 2. independently certified: an explicit two-neuron interpolator (built with `TwoLayerReLU`,
@@ -51,13 +53,13 @@ small constant step (t = k eta) is run next to it and drawn on the same axes; it
 the flow at matched times is recorded (`gd_vs_flow`), no claim rests on it.
 """
 
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from scipy import optimize
 
-from .. import data, gradient_descent, gradient_flow, init, losses
+from .. import gradient_descent, gradient_flow, init, problems
 from ..models import TwoLayerReLU
+from ..problems.two_layer import min_variation_norm
 from ._base import Experiment, Report, figure, finish, positive
 
 LOSS_TOL = 1e-6  # final loss / initial loss
@@ -73,19 +75,6 @@ def _setup(quick: bool):
                     eta=0.05, steps=8000, save_every=20, flow_max_steps=20_000)
     return dict(n=6, d=10, width=60, labels=(1.0, 0.8, 0.6, -0.5, -0.4, -0.3), init_scale=1e-12,
                 eta=0.02, steps=60_000, save_every=100, flow_max_steps=100_000)
-
-
-def balanced_init(d: int, m: int, scale: float, *, key) -> TwoLayerReLU:
-    """w_j ~ N(0, scale^2 I_d / d), a_j = s_j ||w_j|| with signs s_j = +1, -1, +1, ..."""
-    W = scale / d**0.5 * jr.normal(key, (m, d))
-    s = jnp.where(jnp.arange(m) % 2 == 0, 1.0, -1.0).astype(W.dtype)
-    return TwoLayerReLU(W, s * jnp.linalg.norm(W, axis=-1))
-
-
-def min_variation_norm_closed_form(X: np.ndarray, y: np.ndarray) -> float:
-    """||D^-1 y_+|| + ||D^-1 y_-||, D = diag(||x_i||), for pairwise orthogonal inputs."""
-    r = y / np.linalg.norm(X, axis=1)
-    return float(np.linalg.norm(np.maximum(r, 0)) + np.linalg.norm(np.minimum(r, 0)))
 
 
 def min_variation_norm_certificate(X: np.ndarray, y: np.ndarray, *, key) -> dict:
@@ -131,17 +120,16 @@ def min_variation_norm_certificate(X: np.ndarray, y: np.ndarray, *, key) -> dict
 def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     n, d, m = cfg["n"], cfg["d"], cfg["width"]
-    y = jnp.asarray(cfg["labels"])
-    if y.shape != (n,):
+    if len(cfg["labels"]) != n:
         raise ValueError(f"`labels` must have n = {n} entries, got {cfg['labels']}")
-    X = data.orthogonal_inputs(n, d, key=jr.key(0))
-    Xn, yn = np.asarray(X), np.asarray(y)
-    loss = losses.square(X, y)
+    problem = problems.two_layer_relu(d, m, cfg["labels"], data_seed=0, init="balanced",
+                                      variance=cfg["init_scale"] ** 2)
+    Xn, yn = np.asarray(problem.X), np.asarray(cfg["labels"], dtype=problem.X.dtype)
+    loss = problem.loss
     cfg["seeds"] = rep.seeds
-    nets = init.batch(lambda k: balanced_init(d, m, cfg["init_scale"], key=k), rep.seeds,
-                      key=jr.key(1))
+    nets = init.batch(problem.init, rep.seeds, key=jr.key(1))
 
-    vmin = min_variation_norm_closed_form(Xn, yn)
+    vmin = min_variation_norm(Xn, yn)
     cert = min_variation_norm_certificate(Xn, yn, key=jr.key(2))
 
     gd = gradient_descent(nets, loss, cfg["steps"], learning_rate=cfg["eta"],

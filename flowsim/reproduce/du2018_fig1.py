@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import data, gradient_descent, init, invariants, losses
-from ..models import MatrixFactorization
+from .. import gradient_descent, init, invariants, losses, problems
 from ._base import Experiment, Report, figure, finish, positive
 
 RATIO_TOL = 0.05  # max_t |ratio_t / ratio_0 - 1| without the regulariser
@@ -42,17 +41,15 @@ def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     m, n, r = cfg["m"], cfg["n"], cfg["rank"]
     svals = np.linspace(1.0, 0.5, r)
-    M = data.low_rank_matrix(m, n, svals, key=jr.key(0))
     nuclear = float(np.sum(svals))
-    # Entry std such that E||U0||_F^2 = ||M||_*: the scale of the balanced factors U = Qa S^1/2.
+    # Entry std such that E||U0||_F^2 = ||M||_*: the scale of the balanced factors U = Qa S^1/2;
+    # init="balanced" rescales V0 to ||V0||_F = ||U0||_F.
     std = (nuclear / (m * r)) ** 0.5
+    problem = problems.factorization((m, n), r, svals, data_seed=0, init="balanced",
+                                     variance=std**2)
+    M, base = problem.M, problem.loss
     cfg.update(singular_values=svals, init_std=std, seeds=rep.seeds)
-    def make(key):
-        mf = MatrixFactorization.random(m, n, r, scale=std, key=key)
-        return MatrixFactorization(mf.U, mf.V * jnp.linalg.norm(mf.U) / jnp.linalg.norm(mf.V))
-
-    models = init.batch(make, rep.seeds, key=jr.key(1))
-    base = losses.factorization(M)
+    models = init.batch(problem.init, rep.seeds, key=jr.key(1))
     runs = {
         "without regulariser": base,
         f"with regulariser (λ={cfg['lam']:g})": losses.balancing(base, cfg["lam"]),

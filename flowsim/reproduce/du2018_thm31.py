@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import data, gradient_descent, init, invariants, losses, schedules
-from ..models import MatrixFactorization
+from .. import gradient_descent, init, invariants, problems, schedules
 from ._base import Experiment, Report, figure, finish, positive
 
 DELTAS = (0.5, 0.25, 0.1)  # the theorem's range (0, 1/2]
@@ -58,11 +57,11 @@ def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     m, n, r = cfg["m"], cfg["n"], cfg["rank"]
     svals = np.linspace(2.0, 1.0, r)
-    M = data.low_rank_matrix(m, n, svals, key=jr.key(0))
-    loss = losses.factorization(M)
+    problem = problems.factorization((m, n), r, svals, data_seed=0,
+                                     variance=cfg["init_std"] ** 2)
+    M, loss = problem.M, problem.loss
     cfg.update(singular_values=svals, deltas=DELTAS, seeds=rep.seeds)
-    models = init.batch(lambda k: MatrixFactorization.random(m, n, r, scale=cfg["init_std"],
-                                                             key=k), rep.seeds, key=jr.key(1))
+    models = init.batch(problem.init, rep.seeds, key=jr.key(1))
     eta0 = cfg["eta0"]
     runs = {f"δ={d:g}": schedules.power_decay(eta0, d) for d in DELTAS}
     runs["δ=0"] = schedules.power_decay(eta0, 0.0)

@@ -1,9 +1,10 @@
 """Du, Hu, Lee (2018), Thm 3.2: rank-1 factorization, constant step, small Gaussian init.
 
-M = s u* v*^T (unit u*, v*). GD with a constant step eta on 1/2 ||u v^T - M||_F^2 from
-u0, v0 with i.i.d. N(0, sigma^2) entries, many seeds in one vmapped call. The theorem: with
-constant probability over the initialisation, |u^T u*| / |v^T v*| stays in [c0, C0] and the
-error decays linearly (O(log(d/eps)) iterations to reach eps).
+M = s u* v*^T (unit u*, v*: `flowsim.problems.factorization(shape, 1, (s,))`). GD with a
+constant step eta on 1/2 ||u v^T - M||_F^2 from u0, v0 with i.i.d. N(0, sigma^2) entries, many
+seeds in one vmapped call. The theorem: with constant probability over the initialisation,
+|u^T u*| / |v^T v*| stays in [c0, C0] and the error decays linearly (O(log(d/eps)) iterations to
+reach eps).
 
 The linear rate is fitted on the tail of each error curve and compared with the prediction of
 the linearisation at the balanced minimum u = sqrt(s) u*, v = sqrt(s) v*: the error component
@@ -11,12 +12,10 @@ across the top singular pair contracts by 1 - eta s per step, the one along it b
 so the asymptotic rate is max(|1 - eta s|, |1 - 2 eta s|).
 """
 
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .. import gradient_descent, init, losses
-from ..models import MatrixFactorization
+from .. import gradient_descent, init, problems
 from ._base import Experiment, Report, figure, finish, positive
 
 C0 = 10.0  # the ratio band [1/C0, C0] checked
@@ -47,23 +46,20 @@ def _fit_rate(steps, err):
 def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     m, n, s, eta = cfg["m"], cfg["n"], cfg["s"], cfg["eta"]
-    ku, kv, ki = jr.split(jr.key(0), 3)
-    u_star = jr.normal(ku, (m,))
-    u_star = u_star / jnp.linalg.norm(u_star)
-    v_star = jr.normal(kv, (n,))
-    v_star = v_star / jnp.linalg.norm(v_star)
-    M = s * jnp.outer(u_star, v_star)
+    # M = s u* v*^T: the rank-1 factorization problem with spectrum (s,) (random unit u*, v*).
+    problem = problems.factorization((m, n), 1, (s,), data_seed=0,
+                                     variance=cfg["init_std"] ** 2)
+    left, _, right = np.linalg.svd(np.asarray(problem.M))
+    u_star, v_star = left[:, 0], right[0]  # signs irrelevant: the ratio uses |u^T u*|, |v^T v*|
     cfg["seeds"] = rep.seeds
-    models = init.batch(
-        lambda k: MatrixFactorization.random(m, n, 1, scale=cfg["init_std"], key=k),
-        rep.seeds, key=ki)
-    traj = gradient_descent(models, losses.factorization(M), cfg["steps"], learning_rate=eta,
+    models = init.batch(problem.init, rep.seeds, key=jr.key(1))
+    traj = gradient_descent(models, problem.loss, cfg["steps"], learning_rate=eta,
                             save_every=cfg["save_every"], batched=True)
     steps = np.asarray(traj.steps)
     U = np.asarray(traj.models.U[..., 0])  # (seeds, T, m)
     V = np.asarray(traj.models.V[..., 0])
     err = np.sqrt(2 * np.asarray(traj.loss)) / s  # ||u v^T - M||_F / ||M||_F
-    ratio = np.abs(U @ np.asarray(u_star)) / np.abs(V @ np.asarray(v_star))
+    ratio = np.abs(U @ u_star) / np.abs(V @ v_star)
     converged = err[:, -1] <= CONVERGED
     in_band = np.all((ratio >= 1 / C0) & (ratio <= C0), axis=1)
     rho = np.array([_fit_rate(steps, e) for e in err])

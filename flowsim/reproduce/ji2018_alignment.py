@@ -1,9 +1,10 @@
 """Ji & Telgarsky (2018): gradient flow and GD align the layers of a deep linear network.
 
 A depth-3 linear network x -> W3 W2 W1 x (no biases) on linearly separable data
-(`flowsim.data.separable`), logistic loss, from a small Gaussian initialisation, trained by
-gradient flow (Tsit5, adaptive steps: its step size grows with t, so horizons like 1e6 cost a few
-thousand steps) and by GD with a constant step. Along both:
+(`flowsim.data.separable`), logistic loss (the problem `flowsim.problems.deep_linear_logistic`),
+from a small Gaussian initialisation, trained by gradient flow (Tsit5, adaptive steps: its step
+size grows with t, so horizons like 1e6 cost a few thousand steps) and by GD with a constant
+step. Along both:
 
 - the risk goes to 0;
 - each layer becomes rank one: sigma_2 / sigma_1 of W1 and W2 -> 0 (W3 is a row);
@@ -11,9 +12,10 @@ thousand steps) and by GD with a constant step. Along both:
 - the direction of the end-to-end vector w = W3 W2 W1 tends to the L2 max-margin separator
   w* = argmin ||w||^2 s.t. y_i <w, x_i> >= 1 (no bias, like the network).
 
-w* is computed with scipy: the primal QP by SLSQP (`scipy.optimize.minimize`), cross-checked
-against the dual (max sum(alpha) - 1/2 ||sum alpha_i y_i x_i||^2, alpha >= 0) solved by L-BFGS-B
-with bounds; both are reported and must agree.
+w* is computed with scipy (`flowsim.problems.deep_linear_logistic.max_margin`): the primal QP
+by SLSQP (`scipy.optimize.minimize`), cross-checked against the dual (max sum(alpha) -
+1/2 ||sum alpha_i y_i x_i||^2, alpha >= 0) solved by L-BFGS-B with bounds; both are reported and
+must agree.
 
 The angle to w* closes slowly (like 1/log t for the logistic loss), so the verdict on it is a
 threshold in degrees at the horizon reached, and the figure shows the whole decay on a log axis.
@@ -22,10 +24,9 @@ threshold in degrees at the horizon reached, and the figure shows the whole deca
 import jax
 import jax.random as jr
 import numpy as np
-from scipy import optimize
 
-from .. import data, gradient_descent, gradient_flow, init, invariants, losses
-from ..models import MLP
+from .. import gradient_descent, gradient_flow, init, invariants, problems
+from ..problems.deep_linear_logistic import angle, max_margin
 from ._base import Experiment, Report, figure, finish, positive
 
 RISK_TOL = 1e-3
@@ -46,43 +47,6 @@ def _setup(quick: bool):
                 gd_eta=0.5, gd_steps=40_000, save_every=200)
 
 
-def max_margin(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The hard-margin SVM without bias, by SLSQP on the primal and L-BFGS-B on the dual.
-
-    Returns `(w_primal, w_dual, info)`.
-    """
-    Z = y[:, None] * X
-    n = Z.shape[0]
-    w0 = np.linalg.lstsq(Z, np.ones(n), rcond=None)[0]
-    w0 = w0 / max(np.min(Z @ w0), 1e-12) if np.min(Z @ w0) > 0 else w0
-    primal = optimize.minimize(
-        lambda w: 0.5 * w @ w, w0, jac=lambda w: w, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda w: Z @ w - 1.0, "jac": lambda w: Z}],
-        options={"ftol": 1e-15, "maxiter": 1000},
-    )
-    K = Z @ Z.T
-    dual = optimize.minimize(
-        lambda a: (0.5 * a @ K @ a - a.sum(), K @ a - 1.0), np.zeros(n), jac=True,
-        method="L-BFGS-B", bounds=[(0.0, None)] * n,
-        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000},
-    )
-    w_dual = Z.T @ dual.x
-    info = {
-        "primal_success": bool(primal.success), "primal_message": str(primal.message),
-        "dual_success": bool(dual.success), "min_constraint_primal": float(np.min(Z @ primal.x)),
-        "margin": float(1.0 / np.linalg.norm(primal.x)),
-        "support_vectors": int(np.sum(dual.x > 1e-8 * dual.x.max())),
-    }
-    return primal.x, w_dual, info
-
-
-def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angle between directions, accurate near 0 (unlike arccos of the cosine)."""
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b)
-    return 2 * np.arctan2(np.linalg.norm(a - b, axis=-1), np.linalg.norm(a + b, axis=-1))
-
-
 def _measures(traj, X, y, w_star):
     models = traj.models
     w = np.asarray(jax.vmap(lambda m: m.end_to_end())(models))[:, 0, :]  # (T, d)
@@ -92,23 +56,23 @@ def _measures(traj, X, y, w_star):
     return dict(
         t=np.asarray(traj.ts), risk=np.asarray(traj.loss),
         rank=np.stack([np.asarray(r) for r in ranks[:-1]], axis=-1),  # W3 is a row: skip
-        align=align, angle=np.degrees(_angle(w, w_star)), margin=margin,
+        align=align, angle=np.degrees(np.asarray(angle(w, w_star))), margin=margin,
     )
 
 
 def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     n, d, h = cfg["n"], cfg["d"], cfg["width"]
-    X, y = data.separable(n, d, margin=cfg["margin"], key=jr.key(0))
-    Xn, yn = np.asarray(X), np.asarray(y)
-    w_p, w_d, svm = max_margin(Xn, yn)
-    svm["primal_dual_angle_rad"] = float(_angle(w_p, w_d))
-    loss = losses.logistic(X, y)
     sizes = (d, h, h, 1)
+    # Weights N(0, init_scale^2 / fan_in): the "default" scheme with variance init_scale^2.
+    problem = problems.deep_linear_logistic(sizes, n=n, margin=cfg["margin"], data_seed=0,
+                                            init="default", variance=cfg["init_scale"] ** 2)
+    Xn, yn = np.asarray(problem.X), np.asarray(problem.y)
+    w_p, w_d, svm = max_margin(Xn, yn)  # the primal is problem.w_star; the dual cross-checks it
+    svm["primal_dual_angle_rad"] = float(angle(w_p, w_d))
+    loss = problem.loss
     cfg.update(sizes=sizes, seeds=rep.seeds)
-    stds = [cfg["init_scale"] / fan**0.5 for fan in sizes[:-1]]
-    nets = init.batch(lambda k: MLP(sizes, "linear", init_std=stds, key=k), rep.seeds,
-                      key=jr.key(1))
+    nets = init.batch(problem.init, rep.seeds, key=jr.key(1))
 
     ts = np.concatenate([[0.0], np.logspace(-1, np.log10(cfg["flow_t1"]), cfg["n_save"])])
     flow = gradient_flow(nets, loss, cfg["flow_t1"], ts=ts, solver="tsit5", rtol=1e-8,
