@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 from typing import Any
 
-import jax.numpy as jnp
 import jax.random as jr
 
 import flowsim
@@ -30,28 +29,32 @@ def stiff_factorization(*, seed: int = 0, t1: float = 1e6) -> Problem:
     """20x20 target of rank 3, singular values (1, 1e-2, 1e-4); rank-3 U V^T from scale 1e-3.
 
     The three modes are learnt at rates ~1, 1e-2, 1e-4: stiffness ratio 1e4, horizon 1e6.
+    `flowsim.problems.factorization` with data_seed `seed`.
     """
-    kM, kw = jr.split(jr.key(seed))
-    M = flowsim.data.low_rank_matrix(20, 20, (1.0, 1e-2, 1e-4), key=kM)
-    mf = flowsim.models.MatrixFactorization.random(20, 20, 3, scale=1e-3, key=kw)
-    return Problem("stiff factorization", mf, flowsim.losses.factorization(M), t1,
+    problem = flowsim.problems.factorization((20, 20), 3, (1.0, 1e-2, 1e-4), data_seed=seed,
+                                             variance=1e-6)
+    # The target takes keys 0, 1 of split(key(seed)); the factors key 2 of the same split.
+    mf = problem.init(jr.split(jr.key(seed), 3)[2])
+    return Problem("stiff factorization", mf, problem.loss, t1,
                    note="20x20, rank 3, sigma=(1,1e-2,1e-4), init 1e-3, T=1e6 (120 params)")
 
 
 def relu_teacher(sizes, n, *, variance=None, t1=20.0, seed=0, name="", activation="relu"):
-    """Gaussian inputs, targets from a random teacher MLP of the same shape, square loss.
+    """Gaussian inputs, targets from a random teacher MLP of the same shape, square loss:
+    `flowsim.problems.mlp(..., data="teacher")` with data_seed `seed`.
 
     `variance`: balanced small initialisation (`flowsim.init.balanced_stds`); default
     1/sqrt(fan_in) weights.
     """
-    kx, kt, kw = jr.split(jr.key(seed), 3)
-    X = jr.normal(kx, (n, sizes[0]), dtype=jnp.float64)
-    teacher = flowsim.models.MLP(sizes, activation, key=kt)
-    Y = teacher(X)
-    stds = None if variance is None else flowsim.init.balanced_stds(sizes, variance)
-    net = flowsim.models.MLP(sizes, activation, init_std=stds, key=kw)
-    return Problem(name or f"{activation} MLP {sizes}", net, flowsim.losses.square(X, Y), t1,
-                   inputs=X, note=f"{'->'.join(map(str, sizes))} {activation}, n={n}, T={t1:g}")
+    problem = flowsim.problems.mlp(
+        sizes, n=n, activation=activation, data="teacher", data_seed=seed,
+        init="default" if variance is None else "balanced",
+        variance=1.0 if variance is None else variance)
+    # The data take keys 0, 1 of split(key(seed)); the network key 2 of the same split.
+    net = problem.init(jr.split(jr.key(seed), 3)[2])
+    return Problem(name or f"{activation} MLP {sizes}", net, problem.loss, t1,
+                   inputs=problem.inputs,
+                   note=f"{'->'.join(map(str, sizes))} {activation}, n={n}, T={t1:g}")
 
 
 def fig2(*, quick: bool = False, t1: float = 20.0, seed: int = 0) -> Problem:

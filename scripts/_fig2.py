@@ -18,11 +18,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def fig2_problem(n: int = 1000):
     """n -> 100 -> 100 -> 10 ReLU, n Gaussian points, targets from a random teacher of the same
-    shape, balanced initialisation N(0, 1e-4/100), N(0, 1e-4/10), N(0, 1e-4) at n = 1000."""
-    sizes = (n, 100, 100, 10)
-    kx, kt, kw = jr.split(jr.key(0), 3)
-    X = jr.normal(kx, (n, n))
-    Y = flowsim.models.MLP(sizes, "relu", key=kt)(X)
-    net = flowsim.models.MLP(sizes, "relu", init_std=flowsim.init.balanced_stds(sizes, 1e-4),
-                             key=kw)
-    return net, flowsim.losses.square(X, Y)
+    shape, balanced initialisation N(0, 1e-4/100), N(0, 1e-4/10), N(0, 1e-4) at n = 1000
+    (`flowsim.problems.mlp(..., data="teacher")`). Returns `(net, loss)`."""
+    problem = flowsim.problems.mlp((n, 100, 100, 10), n=n, activation="relu", data="teacher",
+                                   data_seed=0, init="balanced", variance=1e-4)
+    # The data take keys 0, 1 of split(key(0)); the network key 2 of the same split.
+    return problem.init(jr.split(jr.key(0), 3)[2]), problem.loss

@@ -26,15 +26,13 @@ import flowsim
 from flowsim import invariants
 
 
-def make_problem(sizes, n, variance, *, key):
-    kx, kt, kw = jr.split(key, 3)
-    X = jr.normal(kx, (n, sizes[0]))
-    # A teacher with the usual 1/sqrt(fan_in) scale gives targets of order one.
-    teacher = flowsim.models.MLP(sizes, "relu", key=kt)
-    Y = teacher(X)
-    stds = flowsim.init.balanced_stds(sizes, variance)
-    net = flowsim.models.MLP(sizes, "relu", init_std=stds, key=kw)
-    return net, flowsim.losses.square(X, Y)
+def make_problem(sizes, n, variance, *, seed):
+    """`flowsim.problems.mlp(..., data="teacher")` (a teacher with the usual 1/sqrt(fan_in)
+    scale gives targets of order one) and one balanced initialisation."""
+    problem = flowsim.problems.mlp(sizes, n=n, activation="relu", data="teacher",
+                                   data_seed=seed, init="balanced", variance=variance)
+    # The data take keys 0, 1 of split(key(seed)); the network key 2 of the same split.
+    return problem.init(jr.split(jr.key(seed), 3)[2]), problem.loss
 
 
 def main(argv=None):
@@ -51,7 +49,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     sizes = tuple(args.sizes)
-    net, loss = make_problem(sizes, args.n, args.variance, key=jr.key(args.seed))
+    net, loss = make_problem(sizes, args.n, args.variance, seed=args.seed)
     schedule = flowsim.schedules.power_decay(args.eta0, args.delta)
     print(f"sizes {sizes}, n={args.n}, init variance {args.variance:g} (balanced), "
           f"eta_k = {args.eta0:g} (k+1)^-{0.5 + args.delta:g}, {args.steps} steps, "

@@ -41,11 +41,9 @@ SIZES, N, T, TOL = (10, 20, 20, 3), 64, 2.0, 1e-8
 
 
 def quickstart(B):
-    X, Y = flowsim.data.gaussian_regression(N, SIZES[0], SIZES[-1], key=jr.key(0))
-    stds = flowsim.init.balanced_stds(SIZES, 0.1)
-    nets = flowsim.init.batch(lambda k: flowsim.models.MLP(SIZES, "relu", init_std=stds, key=k),
-                              B, key=jr.key(1))
-    return nets, flowsim.losses.square(X, Y)
+    problem = flowsim.problems.mlp(SIZES, n=N, activation="relu", data="gaussian", data_seed=0,
+                                   init="balanced", variance=0.1)
+    return flowsim.init.batch(problem.init, B, key=jr.key(1)), problem.loss
 
 
 def batch_throughput(B):
