@@ -85,6 +85,8 @@ def factorization(
     m, n = (int(s) for s in shape)
     if int(rank) < 1:
         raise ValueError(f"`rank` must be a positive integer, got {rank}")
+    if not variance > 0:
+        raise ValueError(f"`variance` must be positive, got {variance}")
     if init not in INIT_SCHEMES:
         raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got "
                          f"{init!r}")

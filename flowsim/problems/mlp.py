@@ -88,6 +88,9 @@ def mlp(
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) < 2:
         raise ValueError(f"`sizes` must list at least two widths, got {sizes}")
+    if noise and data != "gaussian":
+        raise ValueError(f"`noise` applies to data='gaussian' only, got noise={noise} with "
+                         f"data={data!r}")
     key = jr.key(data_seed)
     if data == "gaussian":
         X, Y = _data.gaussian_regression(n, sizes[0], sizes[-1], noise=noise, key=key)

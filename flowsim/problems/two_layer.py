@@ -52,7 +52,9 @@ class TwoLayerReLUProblem(AbstractProblem):
         d = self.X.shape[1]
         if self.balanced:
             return balanced_two_layer(d, self.width, self.scale, key=key, dtype=self.X.dtype)
-        return TwoLayerReLU.random(d, self.width, scale=self.scale, dtype=self.X.dtype, key=key)
+        kw, ka = jr.split(key)  # TwoLayerReLU.random's draws, with a traced scale
+        W = self.scale / d**0.5 * jr.normal(kw, (self.width, d), self.X.dtype)
+        return TwoLayerReLU(W, self.scale * jr.normal(ka, (self.width,), self.X.dtype))
 
     @property
     def inputs(self):
@@ -83,6 +85,8 @@ def two_layer_relu(
     y = jnp.asarray(labels, default_dtype())
     if y.ndim != 1 or y.shape[0] < 1:
         raise ValueError(f"`labels` must be a non-empty list of numbers, got {labels}")
+    if not variance > 0:
+        raise ValueError(f"`variance` must be positive, got {variance}")
     if init not in INIT_SCHEMES:
         raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got "
                          f"{init!r}")
