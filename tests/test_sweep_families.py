@@ -201,13 +201,6 @@ def test_mlp_end_to_end(mlp_sweep):
     _check_report(out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a sweep of a tanh network warns NotConservedWarning twice per point (once for GD, once "
-    "for the flow), from flowsim.discretization_error's gd_drift / flow_drift (flowsim/"
-    "_compare.py _max_layer_drift), which the sweep does not even store; the sweep silences "
-    "this warning in _traj_metrics and _ledger_metrics but not around discretization_error "
-    "(flowsim/sweep/_point.py run_chunk); under the suite's filterwarnings=error such a sweep "
-    "raises"))
 def test_sweep_of_a_tanh_network_does_not_warn(mlp_sweep):
     _, caught = mlp_sweep
     assert not [str(w.message) for w in caught
@@ -217,7 +210,7 @@ def test_sweep_of_a_tanh_network_does_not_warn(mlp_sweep):
 @pytest.mark.parametrize("kind", ["conv", "two_layer_relu", "deep_linear_logistic"])
 def test_family_end_to_end(tmp_path, kind):
     # On one device: compiling for 4 sharded devices costs more, and the sharded path is run by
-    # the mlp and factorization sweeps (conv sharded does not compile: xfail test below).
+    # the mlp and factorization sweeps and by test_conv_sharded_over_devices.
     # two_layer_relu: its non-default scheme, whose draw is traced in the sweep's batched init.
     init = {"seeds": 2, "variance": 0.1, "scheme": "gaussian"} if kind == "two_layer_relu" \
         else None
@@ -259,16 +252,15 @@ def test_factorization_end_to_end(factorization_sweep):
     _check_report(out)
 
 
-@pytest.mark.xfail(strict=True, raises=jax.errors.JaxRuntimeError, reason=(
-    "conv sharded over several devices does not compile: vmap of lax.conv_general_dilated "
-    "with batched filters and batched inputs becomes a grouped conv (feature_group_count = "
-    "seeds) that XLA's SPMD partitioner splits inconsistently ('Expected output feature "
-    "dimension (value 2) to be divisible by feature_group_count (value 4)'); flowsim/models/"
-    "_conv.py ConvNet.forward"))
 def test_conv_sharded_over_devices(tmp_path):
+    """A vmapped convolution with batched filters compiles sharded over devices (ConvNet
+    convolves by patches times filters, not a grouped convolution)."""
     assert len(jax.devices()) == 4
     cfg = _config({**PROBLEMS["conv"], "noise": 0.0}, flow=None, run={"devices": "all"})
-    sweep.run(cfg, tmp_path / "conv4", progress=False)
+    res = sweep.run(cfg, tmp_path / "conv4", progress=False)
+    ds = sweep.load(res.out)
+    assert ds.attrs["device"].startswith("4 x") and res.ran == res.total
+    assert np.isfinite(ds["loss_gd"].values).all()
 
 
 def test_record_all_on_conv_skips_alignment():
@@ -455,11 +447,6 @@ def test_scheme_of_another_family(tmp_path, capsys, kind):
     _dry_run_fails(tmp_path, capsys, cfg, f'[init].scheme = "{scheme}": must be one of {choices}')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a factory that fails to build gives 'flowsim sweep: error: [problem] kind = ...' without "
-    "the config path and with '[problem] kind' for '[problem].kind', unlike every other config "
-    "error ('PATH: [section].key = VALUE: ...'): flowsim/sweep/_families.py cached_build, line "
-    "140, does not know the path"))
 @pytest.mark.parametrize("problem", [{"kind": "tests.user_problem:not_a_problem"},
                                      {"kind": USER, "width": "wide"}])
 def test_factory_build_error_names_the_config(tmp_path, capsys, problem):

@@ -12,6 +12,23 @@ from .._precision import default_dtype
 from ._base import AbstractModel, apply_activation, check_activation, patterned_activation
 
 
+def _conv(x, k):
+    """'VALID' stride-1 convolution of x (n, c_in, h, w) with filters k (c_out, c_in, s, s), as
+    image patches times the flattened filters.
+
+    The same numbers as `lax.conv_general_dilated`, but a vmap over both x and k stays a batched
+    matmul: vmapped convolutions become grouped convolutions, which XLA's partitioner cannot
+    split over several devices (a sweep shards its seeds) and which are slow on CPU.
+    """
+    s = k.shape[-1]
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (s, s), (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # (n, c_in * s * s, h', w'), features ordered (c_in, row, column) as in k
+    return jnp.einsum("nfhw,of->nohw", patches, k.reshape(k.shape[0], -1),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 class ConvNet(AbstractModel):
     """2-d convolutions (stride 1, 'VALID' padding, no bias) with shared filters, then a dense head.
 
@@ -124,10 +141,7 @@ class ConvNet(AbstractModel):
             )
         pre = []
         for h, k in enumerate(self.filters):
-            x = jax.lax.conv_general_dilated(
-                x, k, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                precision=jax.lax.Precision.HIGHEST,
-            )
+            x = _conv(x, k)
             pre.append(x)
             if pattern is None:
                 x = apply_activation(self.activation, x, self.negative_slope)

@@ -128,17 +128,19 @@ def _build_key(params) -> str:
                                            if k in ("scheme", "variance")}], sort_keys=True)
 
 
-def cached_build(params):
+def cached_build(params, path: str = "<config>"):
     """`build`, remembered for the last few distinct problems (the memory check and the run
-    build each once). A factory's error becomes a `ConfigError` naming the problem."""
+    build each once). A family's or factory's error becomes a `ConfigError` naming the config
+    `path`, the kind and the problem's fields."""
     key = _build_key(params)
     if key not in _BUILT:
         try:
             problem = build(params)
         except (ValueError, TypeError) as e:
             kind = params["problem"]["kind"]
-            raise ConfigError(f"[problem] kind = {json.dumps(kind)} cannot be built from "
-                              f"{key}: {e}") from None
+            fields = {k: v for k, v in params["problem"].items() if k != "kind"}
+            raise ConfigError(f"{path}: [problem].kind = {json.dumps(kind)} with "
+                              f"{json.dumps(fields)}: cannot be built: {e}") from None
         while len(_BUILT) >= _BUILT_MAX:
             _BUILT.pop(next(iter(_BUILT)))
         _BUILT[key] = problem

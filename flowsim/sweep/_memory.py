@@ -51,7 +51,7 @@ def _problem_sizes(cfg: Config):
         params = {"problem": dict(cfg.sections["problem"]), "init": dict(cfg.sections["init"])}
         for (s, k), v in zip(axes, combo):
             params[s][k] = v
-        problem = _families.cached_build(params)
+        problem = _families.cached_build(params, cfg.path)
         model = _families.model_template(problem)
         n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array_like))
                        if hasattr(x, "size"))

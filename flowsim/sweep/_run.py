@@ -209,7 +209,7 @@ def _check_metrics_supported(cfg: Config) -> None:
     any work (with `record = "all"` the sweep records what it can)."""
     if not cfg.explicit_metrics:
         return
-    problem = _point.build_problem(next(cfg.iter_points()).params)
+    problem = _point.build_problem(next(cfg.iter_points()).params, cfg.path)
     can = _families.supported_metrics(problem)
     bad = [m for m in cfg.metrics if m not in can]
     if bad:
@@ -265,7 +265,7 @@ def _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet, ma
             if bar is not None:
                 bar.set_description(point.label)
                 bar.set_postfix_str(f"{cfg.seeds} seeds")
-            ds, summary = _run_point(point, n_dev, mesh, meta)
+            ds, summary = _run_point(point, n_dev, mesh, meta, cfg.path)
             wall = time.perf_counter() - t0
             if leader:
                 ds["wall_seconds"] = ((), np.float64(wall))
@@ -299,9 +299,9 @@ def _run_points(cfg, points, out, used, n_proc, leader, say, progress, quiet, ma
     return SweepResult(out, len(points), skipped, ran, elapsed)
 
 
-def _run_point(point: Point, n_dev: int, mesh, meta: dict):
+def _run_point(point: Point, n_dev: int, mesh, meta: dict, path: str = "<config>"):
     params = point.params
-    problem = _point.build_problem(params)
+    problem = _point.build_problem(params, path)
     meta = {**meta, "problem_kind": params["problem"]["kind"],
             "problem_panels": json.dumps([p.to_json() for p in problem.panels])}
     n_proc, proc = jax.process_count(), jax.process_index()
