@@ -130,7 +130,8 @@ def _colors(n):
 
 
 def _time(sub, which):
-    name = "t_gd" if which == "gd" and "t_gd" in sub else "t_flow"
+    """The save times of GD or the flow (a sweep that ran only one has only its own)."""
+    name = f"t_{which}" if f"t_{which}" in sub else ("t_flow" if which == "gd" else "t_gd")
     return np.asarray(sub[name].values, dtype=float)
 
 
