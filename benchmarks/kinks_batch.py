@@ -35,11 +35,10 @@ SIZES, N, VARIANCE, T, TOL = (10, 20, 20, 3), 64, 0.1, 2.0, 1e-8
 
 
 def make(B, seed=1):
-    X, Y = flowsim.data.gaussian_regression(N, SIZES[0], SIZES[-1], key=jr.key(0))
-    stds = flowsim.init.balanced_stds(SIZES, VARIANCE)
-    nets = flowsim.init.batch(lambda k: flowsim.models.MLP(SIZES, "relu", init_std=stds, key=k),
-                              B, key=jr.key(seed))
-    return nets, flowsim.losses.square(X, Y)
+    """`flowsim.problems.mlp(..., data="gaussian")` from data_seed 0; B nets from key(seed)."""
+    problem = flowsim.problems.mlp(SIZES, n=N, activation="relu", data="gaussian", data_seed=0,
+                                   init="balanced", variance=VARIANCE)
+    return flowsim.init.batch(problem.init, B, key=jr.key(seed)), problem.loss
 
 
 def member(nets, i):

@@ -30,12 +30,14 @@ TOL = 1e-8
 
 
 def deep_linear(width: int, *, n: int = 64, d_out: int = 10, seed: int = 0):
-    sizes = (width, width, width, width, d_out)
-    kx, kt, kw = jr.split(jr.key(seed), 3)
-    X = jr.normal(kx, (n, width))
-    Y = flowsim.models.MLP(sizes, "linear", key=kt)(X)
-    net = flowsim.models.MLP(sizes, "linear", key=kw)
-    return net, flowsim.losses.square(X, Y), 2.0
+    """`flowsim.problems.mlp(..., data="teacher")`, linear, with data_seed `seed`."""
+    # Every layer has fan-in `width`: the 1/sqrt(fan_in) default is N(0, 1/width) everywhere,
+    # written as the model's own std squared so that the weights are the same to the bit.
+    problem = flowsim.problems.mlp(
+        (width, width, width, width, d_out), n=n, activation="linear", data="teacher",
+        data_seed=seed, init="unbalanced", variance=(1.0 / float(width) ** 0.5) ** 2)
+    # The data take keys 0, 1 of split(key(seed)); the network key 2 of the same split.
+    return problem.init(jr.split(jr.key(seed), 3)[2]), problem.loss, 2.0
 
 
 def tiny():
