@@ -19,7 +19,7 @@ from flowsim import sweep
 from flowsim.sweep import _run
 from flowsim.sweep._schema import INIT_SCHEMES, PROBLEM_FIELDS
 
-from .test_bad_inputs import _cli, _one_error_line, _write
+from .test_bad_inputs import _cli, _dry_run_fails, _one_error_line, _write
 
 ROOT = pathlib.Path(__file__).parent.parent
 USER = "tests.user_problem:make_problem"
@@ -343,17 +343,6 @@ def test_user_factory_refuses_invariant_metrics(tmp_path, capsys, metric):
 _WRONG = {"int": "many", "float": "big", "str": 3, "int_list": "wide", "float_list": "loud"}
 _FIELD_CASES = [(kind, key, _WRONG[f.kind]) for kind, fields in PROBLEM_FIELDS.items()
                 for key, f in fields.items()]
-
-
-def _dry_run_fails(tmp_path, capsys, cfg, *needles):
-    rc, _, err = _cli(["sweep", _write(tmp_path, cfg), "--dry-run", "--out", tmp_path / "o"],
-                      capsys)
-    assert rc == 2, err
-    line = _one_error_line(err)
-    for needle in needles:
-        assert needle in line, line
-    assert not (tmp_path / "o").exists()
-    return line
 
 
 @pytest.mark.parametrize(("kind", "key", "value"), _FIELD_CASES,

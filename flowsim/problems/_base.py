@@ -32,6 +32,14 @@ class Panel:
         return dataclasses.asdict(self)
 
 
+def check_init(init: str, variance: float, schemes: tuple[str, ...]) -> None:
+    """ValueError unless `init` is one of the family's `schemes` and `variance` is positive."""
+    if init not in schemes:
+        raise ValueError(f"`init` must be one of {', '.join(map(repr, schemes))}, got {init!r}")
+    if not variance > 0:
+        raise ValueError(f"`variance` must be positive, got {variance}")
+
+
 class AbstractProblem(eqx.Module):
     """One instance of a problem family: the data and loss shared by every seed, and a model
     for each random key.

@@ -10,7 +10,7 @@ import jax.random as jr
 from .. import losses as _losses
 from .._precision import default_dtype
 from ..models import ConvNet
-from ._base import AbstractProblem
+from ._base import AbstractProblem, check_init
 
 INIT_SCHEMES = ("default", "unbalanced")
 
@@ -63,9 +63,7 @@ def conv(
     in_shape = tuple(int(s) for s in in_shape)
     channels = tuple(int(c) for c in channels)
     kernel_size, out_features = int(kernel_size), int(out_features)
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got "
-                         f"{init!r}")
+    check_init(init, variance, INIT_SCHEMES)
     # The network's own checks (shapes, activation) first, with its messages.
     template = eqx.filter_eval_shape(
         lambda: ConvNet(in_shape, channels, out_features, kernel_size=kernel_size,
@@ -73,7 +71,7 @@ def conv(
     fan_ins = [k.shape[1] * k.shape[2] * k.shape[3] for k in template.filters]
     fan_ins.append(template.head.shape[1])
     if init == "default":
-        stds = tuple((variance / f) ** 0.5 for f in fan_ins)
+        stds = tuple(variance**0.5 / f**0.5 for f in fan_ins)
     else:
         stds = (variance**0.5,) * len(fan_ins)
     kx, ka, kn = jr.split(jr.key(data_seed), 3)

@@ -10,7 +10,7 @@ import jax.random as jr
 
 from .. import data as _data, invariants as _inv, losses as _losses
 from ..models import MatrixFactorization
-from ._base import AbstractProblem, Panel
+from ._base import AbstractProblem, Panel, check_init
 
 INIT_SCHEMES = ("gaussian", "balanced")
 
@@ -85,11 +85,7 @@ def factorization(
     m, n = (int(s) for s in shape)
     if int(rank) < 1:
         raise ValueError(f"`rank` must be a positive integer, got {rank}")
-    if not variance > 0:
-        raise ValueError(f"`variance` must be positive, got {variance}")
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got "
-                         f"{init!r}")
+    check_init(init, variance, INIT_SCHEMES)
     M = _data.low_rank_matrix(m, n, spectrum, key=jr.key(data_seed))
     return FactorizationProblem(M, _losses.factorization(M), jnp.asarray(variance**0.5, M.dtype),
                                 int(rank), init == "balanced")

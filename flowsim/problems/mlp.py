@@ -11,7 +11,7 @@ from .. import data as _data, losses as _losses
 from .._precision import default_dtype
 from ..init import balanced_stds
 from ..models import MLP
-from ._base import AbstractProblem
+from ._base import AbstractProblem, check_init
 
 INIT_SCHEMES = ("balanced", "unbalanced", "default")
 
@@ -23,13 +23,14 @@ def mlp_stds(sizes: Sequence[int], scheme: str, variance: float) -> tuple[float,
     layer (`flowsim.init.balanced_stds`); `unbalanced`: every entry of variance `variance`;
     `default`: `variance / fan_in`.
     """
+    check_init(scheme, variance, INIT_SCHEMES)
     if scheme == "balanced":
         return tuple(balanced_stds(sizes, variance))
     if scheme == "unbalanced":
         return (variance**0.5,) * (len(sizes) - 1)
     if scheme == "default":
-        return tuple((variance / d) ** 0.5 for d in sizes[:-1])
-    raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got {scheme!r}")
+        return tuple(variance**0.5 / d**0.5 for d in sizes[:-1])  # = MLP's 1/sqrt(d) at 1
+    raise AssertionError(scheme)  # unreachable: check_init
 
 
 class MLPProblem(AbstractProblem):

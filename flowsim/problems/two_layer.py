@@ -12,7 +12,7 @@ import numpy as np
 from .. import data as _data, losses as _losses
 from .._precision import default_dtype
 from ..models import TwoLayerReLU
-from ._base import AbstractProblem, Panel
+from ._base import AbstractProblem, Panel, check_init
 
 INIT_SCHEMES = ("balanced", "gaussian")
 
@@ -85,11 +85,7 @@ def two_layer_relu(
     y = jnp.asarray(labels, default_dtype())
     if y.ndim != 1 or y.shape[0] < 1:
         raise ValueError(f"`labels` must be a non-empty list of numbers, got {labels}")
-    if not variance > 0:
-        raise ValueError(f"`variance` must be positive, got {variance}")
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"`init` must be one of {', '.join(map(repr, INIT_SCHEMES))}, got "
-                         f"{init!r}")
+    check_init(init, variance, INIT_SCHEMES)
     X = _data.orthogonal_inputs(y.shape[0], int(dim), key=jr.key(data_seed))
     return TwoLayerReLUProblem(X, _losses.square(X, y), jnp.asarray(variance**0.5, X.dtype),
                                jnp.asarray(min_variation_norm(X, y), X.dtype), int(width),

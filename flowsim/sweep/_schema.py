@@ -11,6 +11,11 @@ from typing import Any
 
 from .._flow import SOLVERS
 from ..problems import FAMILIES
+from ..problems.conv import INIT_SCHEMES as _CONV
+from ..problems.deep_linear_logistic import INIT_SCHEMES as _DLL
+from ..problems.factorization import INIT_SCHEMES as _FACTORIZATION
+from ..problems.mlp import INIT_SCHEMES as _MLP
+from ..problems.two_layer import INIT_SCHEMES as _TWO_LAYER
 
 METRICS = ("loss", "invariants", "drift", "ledger", "discretization", "alignment", "solver_stats",
            "problem")
@@ -127,11 +132,11 @@ PROBLEM_FIELDS: dict[str, dict[str, Field]] = {
 """Each family's `[problem]` fields (besides `kind`)."""
 
 INIT_SCHEMES = {
-    "mlp": ("balanced", "unbalanced", "default"),
-    "factorization": ("gaussian", "balanced"),
-    "conv": ("default", "unbalanced"),
-    "two_layer_relu": ("balanced", "gaussian"),
-    "deep_linear_logistic": ("balanced", "unbalanced", "default"),
+    "mlp": _MLP,
+    "factorization": _FACTORIZATION,
+    "conv": _CONV,
+    "two_layer_relu": _TWO_LAYER,
+    "deep_linear_logistic": _DLL,
 }
 """Each family's `[init] scheme` choices; the first is not necessarily the default (that is
 the family function's `init` default)."""
