@@ -329,31 +329,30 @@ def _fig_problem(points, panels, path, seeds, note=""):
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     colors = _colors(len(points))
+    times = [_time(sub, w) for _, sub in points for w in ("gd", "flow")]
+    pos = np.concatenate([t[np.isfinite(t) & (t > 0)] for t in times])
+    logx = pos.size > 0 and pos.max() / pos.min() > 10
+
+    def band(ax, sub, which, values, *args, **kwargs):
+        t, v = _time(sub, which), np.asarray(values, float)
+        v = v if v.ndim > 1 else v[None]
+        keep = t > 0 if logx else np.ones(t.shape, bool)  # t = 0 is off a log axis
+        _band(ax, t[keep], v[:, keep], *args, **kwargs)
+
     for ax, panel in zip(axes.flat, panels):
         log = panel["logy"]
-        t_max, t_min = 0.0, np.inf
         for (label, sub), c in zip(points, colors):
             for m in panel["metrics"]:
                 if f"{m}_gd" in sub:
-                    t = _time(sub, "gd")
-                    _band(ax, t, sub[f"{m}_gd"].values, c, f"{label} GD", lw=3.2, alpha=0.55,
-                          log=log)
+                    band(ax, sub, "gd", sub[f"{m}_gd"].values, c, f"{label} GD", lw=3.2,
+                         alpha=0.55, log=log)
                 if f"{m}_flow" in sub:
-                    t = _time(sub, "flow")
-                    _band(ax, t, sub[f"{m}_flow"].values, c, f"{label} flow", style="--",
-                          lw=1.3, log=log)
-                pos = t[np.isfinite(t) & (t > 0)]
-                if pos.size:
-                    t_max, t_min = max(t_max, pos.max()), min(t_min, pos.min())
+                    band(ax, sub, "flow", sub[f"{m}_flow"].values, c, f"{label} flow",
+                         style="--", lw=1.3, log=log)
             bound = panel.get("bound")
             if bound and bound in sub:
-                v = np.asarray(sub[bound].values, float)
-                t = _time(sub, "gd")
-                _band(ax, t, v if v.ndim > 1 else v[None], c, f"{label} {bound}", style=":",
-                      lw=1.6, log=log)
-                pos = t[np.isfinite(t) & (t > 0)]
-                if pos.size:
-                    t_max, t_min = max(t_max, pos.max()), min(t_min, pos.min())
+                band(ax, sub, "gd", sub[bound].values, c, f"{label} {bound}", style=":", lw=1.6,
+                     log=log)
             ref = panel.get("reference")
             for which in ("gd", "flow"):
                 if ref and f"{ref}_{which}" in sub:
@@ -361,7 +360,7 @@ def _fig_problem(points, panels, path, seeds, note=""):
                     if np.isfinite(v).any():
                         ax.axhline(float(np.nanmedian(v)), color="k", lw=0.9)
                     break
-        if t_max / t_min > 10:
+        if logx:
             ax.set_xscale("log")
         if log:
             ax.set_yscale("log")
