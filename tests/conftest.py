@@ -47,3 +47,15 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test file ends by dropping JAX's compiled programs: a worker runs dozens of files,
+    and XLA has crashed (SIGSEGV inside a compile) late in long-lived workers, never in a
+    fresh process. A file's own tests still share what they compile."""
+    yield
+    jax.clear_caches()
+    import gc
+
+    gc.collect()

@@ -15,14 +15,6 @@ T = 10.0
 TOL = dict(solver="tsit5", rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fresh_jax_caches():
-    """This file's event loops are the largest programs the suite compiles; it starts from
-    empty JAX caches, so that what earlier files compiled in the same worker is released."""
-    jax.clear_caches()
-    yield
-
-
 def _problem():
     # Two-layer ReLU nets with three units on three points in R^2: up to four events per
     # member over t <= 10, sliding in half of the members, a release in one.
