@@ -48,7 +48,7 @@ An explicit method needs ~lambda_max (t1 - t0) / 3.3 steps for stability alone (
 interval on the negative real axis is ~[-3.3, 0]): below 1e4 that is comparable to what accuracy
 needs anyway. Above it: Rodas5P up to `DENSE_JACOBIAN_MAX` parameters, RKC2 beyond (at 52k
 parameters 0.08-0.10x Kvaerno5 matrix-free's time at errors 1e-4 to 3e-6,
-benchmarks/stiff_matrix_free.py). Stiff factorization: Rodas5P 161 steps, Tsit5 > 100,000.
+benchmarks/stiff_matrix_free.py). Stiff factorization: Rodas5P 150 steps, Tsit5 > 100,000.
 """
 
 SHARPNESS_RTOL = 0.05
