@@ -7,9 +7,7 @@ import jax
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
-from .models import MLP
-
-__all__ = ["balanced_stds", "batch", "mlp_batch", "scale"]
+__all__ = ["balanced_stds", "batch", "scale"]
 
 
 def batch(make: Callable[[PRNGKeyArray], eqx.Module], size: int, *, key: PRNGKeyArray):
@@ -58,8 +56,3 @@ def balanced_stds(sizes: Sequence[int], variance: float) -> tuple[float, ...]:
     n_params = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     last = n_params[-1]
     return tuple((variance * last / n) ** 0.5 for n in n_params)
-
-
-def mlp_batch(sizes, activation, size, *, init_std=None, key) -> MLP:
-    """A batch of `size` MLPs (see `MLP` for the arguments)."""
-    return batch(lambda k: MLP(sizes, activation, init_std=init_std, key=k), size, key=key)
