@@ -65,8 +65,9 @@ def test_damaged_points_are_recomputed_on_resume(tmp_path, uninterrupted, capsys
     _same(sweep.load(out), sweep.load(uninterrupted))
 
 
-# Slow points (~0.3 s each): the first sweep is still writing when the second one starts.
-SLOW = {**CFG, "gd": {**CFG["gd"], "delta": [0.0, 0.2, 0.4, 0.5],
+# Slow points (~0.6 s each on 2 cores): after its first point the first sweep still writes for
+# ~7 s, several times the start-up of the second one (~2 s).
+SLOW = {**CFG, "gd": {**CFG["gd"], "delta": [round(0.04 * i, 2) for i in range(12)],
                       "steps": 100_000, "save_every": 20_000}}
 
 
@@ -100,7 +101,8 @@ def test_a_second_sweep_into_a_store_exits_2(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
-            first.communicate()
+        first.wait()
+        first.stderr.close()
 
 
 @pytest.mark.timeout(300)
