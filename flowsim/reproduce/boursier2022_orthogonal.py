@@ -125,13 +125,24 @@ def body(rep: Report) -> None:
     problem = problems.two_layer_relu(d, m, cfg["labels"], data_seed=0, init="balanced",
                                       variance=cfg["init_scale"] ** 2)
     Xn, yn = np.asarray(problem.X), np.asarray(cfg["labels"], dtype=problem.X.dtype)
-    loss = problem.loss
     cfg["seeds"] = rep.seeds
     nets = init.batch(problem.init, rep.seeds, key=jr.key(1))
 
     vmin = min_variation_norm(Xn, yn)
     cert = min_variation_norm_certificate(Xn, yn, key=jr.key(2))
 
+    r = _run(nets, problem.loss, cfg)
+    r.update(_alignment(Xn, yn, r["W"], r["a"], r["L"]))
+    r.update(_width_coverage(Xn, yn, r["W"], r["a"]))
+    r.update(_saddles(Xn, yn, r["t"], r["L"]))
+    r["final_ratio"] = r["vnorm"][:, -1] / vmin
+    _verdicts(rep, cfg, r, vmin, cert)
+    _figure(rep, cfg, r, vmin)
+
+
+def _run(nets, loss, cfg) -> dict:
+    """GD, and the exact-kink flow saved at GD's times t = k eta: loss, parameters, variation
+    norm along the flow; GD's distance to it and its final variation norm."""
     gd = gradient_descent(nets, loss, cfg["steps"], learning_rate=cfg["eta"],
                           save_every=cfg["save_every"], batched=True)
     t = np.asarray(gd.ts[0])
@@ -152,7 +163,12 @@ def body(rep: Report) -> None:
     vnorm_gd = np.sum(np.abs(np.asarray(gd.models.a[:, -1]))
                       * np.linalg.norm(np.asarray(gd.models.W[:, -1]), axis=-1), axis=-1)
     vnorm = np.sum(np.abs(a) * np.linalg.norm(W, axis=-1), axis=-1)  # (S, T)
+    return dict(flow=flow, t=t, t_reached=t_reached, L=L, W=W, a=a, L_gd=L_gd, gd_gap=gd_gap,
+                vnorm_gd=vnorm_gd, vnorm=vnorm)
 
+
+def _alignment(Xn, yn, W, a, L) -> dict:
+    """Cosines of the neurons with their key directions, weighted by |a_j| ||w_j||."""
     # Key directions: D_+ = sum_{y_i > 0} y_i x_i / ||x_i||^2 and D_- likewise (|y_i|) for
     # y_i < 0; neurons with a_j > 0 should align with D_+, a_j < 0 with D_-.
     coef = yn / np.linalg.norm(Xn, axis=1) ** 2
@@ -173,14 +189,24 @@ def body(rep: Report) -> None:
     # "Early": the first saved time at which the loss has dropped by 1 % of its initial value.
     early = np.argmax(L < 0.99 * L[:, :1], axis=1)
     early_cos = np.sum(weight * cos_early, -1) / np.sum(weight, -1)
+    return dict(weight=weight, weighted_cos=weighted_cos, cos_early=cos_early, early=early,
+                early_cos=early_cos)
 
-    # The paper's assumption on the width: a neuron of each sign active on all of its points.
+
+def _width_coverage(Xn, yn, W, a) -> dict:
+    """The paper's assumption on the width: a neuron of each sign active on all of its points."""
+    act0 = (W[:, 0] @ Xn.T) > 0  # (S, m, n)
     pos, neg = yn > 0, yn < 0
     sgn0 = np.sign(a[:, 0])  # (S, m)
     full_pos = np.any((sgn0 > 0) & np.all(act0[..., pos], -1), -1)
     full_neg = np.any((sgn0 < 0) & np.all(act0[..., neg], -1), -1)
-    coverage = full_pos & full_neg  # (S,)
+    return dict(full_pos=full_pos, full_neg=full_neg, coverage=full_pos & full_neg)  # (S,)
 
+
+def _saddles(Xn, yn, t, L) -> dict:
+    """The saddle levels and the fraction of its time to reach zero the loss spends at each."""
+    n = len(yn)
+    pos, neg = yn > 0, yn < 0
     # Saddle levels: the origin, and the positive points fitted with the negative side still at 0
     # (the side with the larger ||D|| escapes first).
     first_pos = (np.linalg.norm(np.maximum(yn, 0) / np.linalg.norm(Xn, axis=1))
@@ -188,9 +214,17 @@ def body(rep: Report) -> None:
     rest = yn[neg] if first_pos else yn[pos]
     levels = np.array([np.sum(yn**2), np.sum(rest**2)]) / (2 * n)
     dwell = _dwell_times(t, L, levels)  # (S, 2): fraction of the time to reach zero
-    n_plateaus = np.sum(dwell >= PLATEAU_DWELL, axis=-1)
+    return dict(first_pos=first_pos, levels=levels, dwell=dwell,
+                n_plateaus=np.sum(dwell >= PLATEAU_DWELL, axis=-1))
 
-    final_ratio = vnorm[:, -1] / vmin
+
+def _verdicts(rep: Report, cfg, r: dict, vmin: float, cert: dict) -> None:
+    """The claims, the recorded numbers and the notes."""
+    t, t_reached, L, flow, early = r["t"], r["t_reached"], r["L"], r["flow"], r["early"]
+    full_pos, full_neg, coverage = r["full_pos"], r["full_neg"], r["coverage"]
+    levels, dwell, n_plateaus, first_pos = r["levels"], r["dwell"], r["n_plateaus"], r["first_pos"]
+    early_cos, weighted_cos, vnorm = r["early_cos"], r["weighted_cos"], r["vnorm"]
+    gd_gap, vnorm_gd, L_gd, final_ratio = r["gd_gap"], r["vnorm_gd"], r["L_gd"], r["final_ratio"]
     rep.claim("flow_reached_t1", "exact-kink gradient flow reaches the horizon: fewest t_reached"
               " / t1 over seeds", np.min(t_reached) / t[-1], ">=", 1.0)
     rep.claim("min_norm_certified",
@@ -241,6 +275,13 @@ def body(rep: Report) -> None:
              f"{np.max(gd_gap):.2g} of the flow's largest norm; its variation-norm ratio "
              f"{', '.join(f'{x:.4f}' for x in vnorm_gd / vmin)}.")
 
+
+def _figure(rep: Report, cfg, r: dict, vmin: float) -> None:
+    """Loss with the saddle levels (flow and GD), early alignment, variation norm / minimum."""
+    n, d, m = cfg["n"], cfg["d"], cfg["width"]
+    t, L, L_gd, levels, a, early = r["t"], r["L"], r["L_gd"], r["levels"], r["a"], r["early"]
+    weight, cos_early, vnorm = r["weight"], r["cos_early"], r["vnorm"]
+    final_ratio = r["final_ratio"]
     fig, axes = figure(3, 1, width=4.8)
     ax = axes[0, 0]
     for s in range(rep.seeds):

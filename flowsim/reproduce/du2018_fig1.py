@@ -47,9 +47,25 @@ def body(rep: Report) -> None:
     std = (nuclear / (m * r)) ** 0.5
     problem = problems.factorization((m, n), r, svals, data_seed=0, init="balanced",
                                      variance=std**2)
-    M, base = problem.M, problem.loss
     cfg.update(singular_values=svals, init_std=std, seeds=rep.seeds)
-    models = init.batch(problem.init, rep.seeds, key=jr.key(1))
+    res = _run(problem, cfg, rep.seeds)
+    plain = next(iter(res.values()))  # the run without the regulariser
+    steps = np.asarray(plain["traj"].steps)
+    scale = 0.5 * float(jnp.sum(problem.M**2))
+    ledger = invariants.gd_drift_ledger(plain["traj"])
+    _verdicts(rep, res, steps, scale, ledger)
+    _figure(rep, cfg, res, steps, np.asarray(ledger.layer_predicted)[..., 0])
+    rep.note("Both runs start from the same Gaussian initialisation; U and V have equal entry "
+             "scales chosen so that E||U0||_F^2 = ||M||_* (the balanced solution's norm), and "
+             "V0 is rescaled to ||V0||_F = ||U0||_F, so the ratio starts at 1 while the Gram gap "
+             "U0^T U0 - V0^T V0 does not vanish.")
+
+
+def _run(problem, cfg, seeds: int) -> dict:
+    """GD without, then with the regulariser, from the same `seeds` inits: per run the
+    trajectory, squared norms, fit, objective, Gram gap norm, norm ratio and norm gap."""
+    base = problem.loss
+    models = init.batch(problem.init, seeds, key=jr.key(1))
     runs = {
         "without regulariser": base,
         f"with regulariser (λ={cfg['lam']:g})": losses.balancing(base, cfg["lam"]),
@@ -64,17 +80,16 @@ def body(rep: Report) -> None:
         fit = np.asarray(jax.vmap(jax.vmap(base))(traj.models))
         gram = np.asarray(jnp.linalg.norm(invariants.gram_gaps(traj.models)[0], axis=(-2, -1)))
         res[label] = dict(traj=traj, nu=nu, nv=nv, fit=fit, objective=np.asarray(traj.loss),
-                          gram=gram)
-    steps = np.asarray(next(iter(res.values()))["traj"].steps)
-    scale = 0.5 * float(jnp.sum(M**2))
+                          gram=gram, ratio=nu / nv, gap=nu - nv)
+    return res
 
+
+def _verdicts(rep: Report, res: dict, steps, scale: float, ledger) -> None:
+    """The claims and the recorded numbers; `ledger`: the run without the regulariser's."""
     plain, reg = list(res)
     p, q = res[plain], res[reg]
-    ratio_p = p["nu"] / p["nv"]
-    ratio_q = q["nu"] / q["nv"]
-    gap = p["nu"] - p["nv"]
+    ratio_p, ratio_q, gap = p["ratio"], q["ratio"], p["gap"]
     gap_rel = np.abs(gap - gap[:, :1]) / (p["nu"] + p["nv"])
-    ledger = invariants.gd_drift_ledger(p["traj"])
     led_measured = np.asarray(ledger.layer_measured)[..., 0]
     led_pred = np.asarray(ledger.layer_predicted)[..., 0]
     led_err = np.max(np.abs(led_measured - led_pred) / (p["nu"] + p["nv"]))
@@ -105,7 +120,7 @@ def body(rep: Report) -> None:
         initial_ratio=ratio_p[:, 0], final_ratio_without_reg=ratio_p[:, -1],
         final_ratio_with_reg=ratio_q[:, -1],
         initial_gap=gap[:, 0], final_gap_without_reg=gap[:, -1],
-        final_gap_with_reg=(q["nu"] - q["nv"])[:, -1],
+        final_gap_with_reg=q["gap"][:, -1],
         final_fit_without_reg=p["fit"][:, -1], final_fit_with_reg=q["fit"][:, -1],
         iterations_to_1e_minus_10={k: [int(steps[np.argmax(f < 1e-10 * scale)])
                                        if np.any(f < 1e-10 * scale) else None
@@ -115,33 +130,27 @@ def body(rep: Report) -> None:
         gram_gap_final_with_reg=q["gram"][:, -1],
     )
 
+
+def _figure(rep: Report, cfg, res: dict, steps, led_pred) -> None:
+    """Objective, norm ratio, Gram gap per seed for both runs; norm-gap drift vs the ledger."""
+    plain, reg = list(res)
+    gap = res[plain]["gap"]
     fig, axes = figure(4, 1, width=4.3)
-    ax = axes[0, 0]
     colors = {plain: "C0", reg: "C3"}
     for label, v in res.items():
-        for s in range(rep.seeds):
-            kw = dict(label=label) if s == 0 else {}
-            ax.plot(steps, positive(v["objective"][s]), color=colors[label],
-                    alpha=1.0 if s == 0 else 0.35, lw=1.4 if s == 0 else 0.8, **kw)
-    finish(ax, xlabel="GD iteration (epoch)", ylabel="objective", logy=True,
+        _plot_seeds(axes[0, 0], steps, positive(v["objective"]), colors[label], label)
+    finish(axes[0, 0], xlabel="GD iteration (epoch)", ylabel="objective", logy=True,
            title="objective (thick: seed 0, thin: other seeds)")
     ax = axes[0, 1]
-    for label, ratio in ((plain, ratio_p), (reg, ratio_q)):
-        for s in range(rep.seeds):
-            kw = dict(label=label) if s == 0 else {}
-            ax.plot(steps, ratio[s], color=colors[label], alpha=1.0 if s == 0 else 0.35,
-                    lw=1.4 if s == 0 else 0.8, **kw)
+    for label, v in res.items():
+        _plot_seeds(ax, steps, v["ratio"], colors[label], label)
     ax.axhline(1.0, color="k", lw=0.6, ls="--")
     finish(ax, xlabel="GD iteration (epoch)", ylabel=r"$\|U\|_F^2 \,/\, \|V\|_F^2$",
            title="norm ratio")
-    ax = axes[0, 2]
     for label, v in res.items():
-        for s in range(rep.seeds):
-            kw = dict(label=label) if s == 0 else {}
-            ax.plot(steps, positive(v["gram"][s]), color=colors[label],
-                    alpha=1.0 if s == 0 else 0.35, lw=1.4 if s == 0 else 0.8, **kw)
-    finish(ax, xlabel="GD iteration (epoch)", ylabel=r"$\|U^\top U - V^\top V\|_F$", logy=True,
-           title="Gram gap (conserved by the flow)")
+        _plot_seeds(axes[0, 2], steps, positive(v["gram"]), colors[label], label)
+    finish(axes[0, 2], xlabel="GD iteration (epoch)", ylabel=r"$\|U^\top U - V^\top V\|_F$",
+           logy=True, title="Gram gap (conserved by the flow)")
     ax = axes[0, 3]
     k = slice(1, None)  # the drift is exactly 0 at step 0: off a log axis
     ax.plot(steps[k], positive(np.abs(gap[0, k] - gap[0, 0])), color="C0", lw=2.5, alpha=0.6,
@@ -150,13 +159,18 @@ def body(rep: Report) -> None:
             label=r"GD ledger $|\sum_k \eta^2(\|g_U\|^2-\|g_V\|^2)|$")
     finish(ax, xlabel="GD iteration (epoch)", ylabel="drift of the norm gap", logy=True,
            title="without regulariser: drift vs ledger", legend_loc="lower right")
+    m, n, r = cfg["m"], cfg["n"], cfg["rank"]
     fig.suptitle(f"Du, Hu, Lee 2018, Fig 1: {m}x{n} rank-{r} factorization, GD η={cfg['eta']:g}",
                  fontsize=11)
     rep.save_figure(fig, "fig1.png")
-    rep.note("Both runs start from the same Gaussian initialisation; U and V have equal entry "
-             "scales chosen so that E||U0||_F^2 = ||M||_* (the balanced solution's norm), and "
-             "V0 is rescaled to ||V0||_F = ||U0||_F, so the ratio starts at 1 while the Gram gap "
-             "U0^T U0 - V0^T V0 does not vanish.")
+
+
+def _plot_seeds(ax, steps, curves, color: str, label: str) -> None:
+    """One curve per seed (rows of `curves`): seed 0 thick and labelled, the others thin."""
+    for s in range(curves.shape[0]):
+        kw = dict(label=label) if s == 0 else {}
+        ax.plot(steps, curves[s], color=color, alpha=1.0 if s == 0 else 0.35,
+                lw=1.4 if s == 0 else 0.8, **kw)
 
 
 EXPERIMENT = Experiment(

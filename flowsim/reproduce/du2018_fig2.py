@@ -40,6 +40,7 @@ BAL_RATIO_TOL = 0.05  # balanced: |ratio_T - 1|
 UNBAL_RATIO_TOL = 0.5  # unbalanced: |ratio_T - 1| / |ratio_0 - 1| (ratio - 1 = gap / ||W_h+1||^2)
 LEDGER_TOL = 1e-9  # |measured - predicted| unit-gap drift / max squared norm
 FLOW_TOL = 1e-4  # flow: max_t |gap_t - gap_0| / max squared norm, over the integrated part
+LABELS = ("balanced", "unbalanced")  # the two inits: batch index 0, 1
 
 
 def _setup(quick: bool):
@@ -69,9 +70,8 @@ def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
     sizes, n = cfg["sizes"], cfg["n"]
     # The same teacher data (data_seed 0) for both; the problems differ only in their init.
-    labels = ("balanced", "unbalanced")
     probs = {lab: problems.mlp(sizes, n=n, activation="relu", data="teacher", data_seed=0,
-                               init=lab, variance=cfg["variance"]) for lab in labels}
+                               init=lab, variance=cfg["variance"]) for lab in LABELS}
     loss = probs["balanced"].loss
     cfg.update(balanced_stds=probs["balanced"].init_std,
                unbalanced_std=probs["unbalanced"].init_std[0])
@@ -81,33 +81,51 @@ def body(rep: Report) -> None:
     # flowsim.problems.mlp) are keys 0, 1 of the same split.
     kb, ku = jr.split(jr.key(0), 4)[2:]
     nets = _stack(probs["balanced"].init(kb), probs["unbalanced"].init(ku))
+    g = _run_gd(nets, loss, cfg)
+    # Gradient flow over the first `flow_steps` iterations' worth of time (0: not run).
+    f = _run_flow(nets, loss, cfg, g) if cfg["flow_steps"] > 0 else None
+    _verdicts(rep, cfg, g, f)
+    _figure_panels(rep, cfg, g, f)
+    _figure_loss_ledger(rep, g, f)
+
+
+def _run_gd(nets, loss, cfg) -> dict:
+    """GD from both inits in one batch: trajectory, squared norms, layer gaps, ratios, ledger."""
     sched = schedules.power_decay(cfg["eta0"], cfg["delta"])
     gd = gradient_descent(nets, loss, cfg["steps"], learning_rate=sched,
                           save_every=cfg["save_every"], batched=True)
-    steps = np.asarray(gd.steps)
-    ts = np.asarray(gd.ts[0])
     norms = _sq_norms(gd.models)  # (2, T, 3)
-    gaps = np.asarray(invariants.layer_gaps(gd.models))  # (2, T, 2)
-    ratios = norms[..., :-1] / norms[..., 1:]
     ledger = invariants.gd_drift_ledger(gd)
-    led_meas = np.asarray(ledger.layer_measured)
-    led_pred = np.asarray(ledger.layer_predicted)
-    scale = norms.max(axis=(1, 2))  # per init
+    return dict(
+        gd=gd, steps=np.asarray(gd.steps), ts=np.asarray(gd.ts[0]), norms=norms,
+        gaps=np.asarray(invariants.layer_gaps(gd.models)),  # (2, T, 2)
+        ratios=norms[..., :-1] / norms[..., 1:], ledger=ledger,
+        led_meas=np.asarray(ledger.layer_measured), led_pred=np.asarray(ledger.layer_predicted),
+        scale=norms.max(axis=(1, 2)),  # per init
+    )
 
-    # Gradient flow over the first `flow_steps` iterations' worth of time (0: not run).
-    k_flow = cfg["flow_steps"]
-    use_flow = k_flow > 0
-    if use_flow:
-        flow_ts = ts[steps <= k_flow]
-        flow = gradient_flow(nets, loss, float(flow_ts[-1]), ts=flow_ts, solver="tsit5",
-                             rtol=cfg["rtol"], atol=cfg["rtol"], kinks="smooth",
-                             max_steps=cfg["flow_max_steps"], batched=True, throw=False)
-        t_reached = np.asarray(flow.stats["t_reached"])
-        f_norms = _sq_norms(flow.models)
-        f_gaps = np.asarray(invariants.layer_gaps(flow.models))
-        f_ok = flow_ts[None, :] <= t_reached[:, None]  # saved times the solver reached
-        f_iter = np.interp(flow_ts, ts, steps)  # flow time -> GD iteration
 
+def _run_flow(nets, loss, cfg, g: dict) -> dict:
+    """The flow (Tsit5, kinks smoothed) from the same inits up to the time of iteration
+    `flow_steps`, saved at GD's times: norms, gaps, which saved times it reached."""
+    ts, steps = g["ts"], g["steps"]
+    flow_ts = ts[steps <= cfg["flow_steps"]]
+    flow = gradient_flow(nets, loss, float(flow_ts[-1]), ts=flow_ts, solver="tsit5",
+                         rtol=cfg["rtol"], atol=cfg["rtol"], kinks="smooth",
+                         max_steps=cfg["flow_max_steps"], batched=True, throw=False)
+    t_reached = np.asarray(flow.stats["t_reached"])
+    return dict(
+        flow=flow, ts=flow_ts, t_reached=t_reached, norms=_sq_norms(flow.models),
+        gaps=np.asarray(invariants.layer_gaps(flow.models)),
+        ok=flow_ts[None, :] <= t_reached[:, None],  # saved times the solver reached
+        iter=np.interp(flow_ts, ts, steps),  # flow time -> GD iteration
+    )
+
+
+def _verdicts(rep: Report, cfg, g: dict, f: dict | None) -> None:
+    """The claims, the recorded numbers and the notes; `f` None: the flow was not run."""
+    gd, ts, norms, gaps, ratios = g["gd"], g["ts"], g["norms"], g["gaps"], g["ratios"]
+    ledger, scale = g["ledger"], g["scale"]
     b, u = 0, 1
     bal_gap = np.max(np.abs(gaps[b]))
     # "barely move" on the scale of the paper's panel, where both differences share one axis:
@@ -129,34 +147,36 @@ def body(rep: Report) -> None:
     rep.claim("gd_ledger_exact",
               "GD drift ledger vs measured unit-gap drift: max |measured − predicted| / max ‖W‖²",
               float(ledger.max_discrepancy()) / scale.min(), "<=", LEDGER_TOL)
-    if use_flow:
+    if f is not None:
+        f_gaps, f_ok = f["gaps"], f["ok"]
         flow_drift = max(float(np.max(np.abs(f_gaps[i] - f_gaps[i, :1])[f_ok[i]]) / scale[i])
                          for i in range(2))
         rep.claim("flow_conserves_gaps",
                   "gradient flow (Tsit5, integrated part): max_t |gap_t − gap_0| / max ‖W‖²",
                   flow_drift, "<=", FLOW_TOL)
     rep.record(
-        final_loss={lab: float(gd.loss[i, -1]) for i, lab in enumerate(labels)},
+        final_loss={lab: float(gd.loss[i, -1]) for i, lab in enumerate(LABELS)},
         initial_loss=float(gd.loss[0, 0]),
-        max_abs_gap={lab: float(np.max(np.abs(gaps[i]))) for i, lab in enumerate(labels)},
-        initial_gaps={lab: gaps[i, 0] for i, lab in enumerate(labels)},
-        final_gaps={lab: gaps[i, -1] for i, lab in enumerate(labels)},
-        final_sq_norms={lab: norms[i, -1] for i, lab in enumerate(labels)},
-        max_sq_norm={lab: float(scale[i]) for i, lab in enumerate(labels)},
-        initial_ratios={lab: ratios[i, 0] for i, lab in enumerate(labels)},
-        final_ratios={lab: ratios[i, -1] for i, lab in enumerate(labels)},
+        max_abs_gap={lab: float(np.max(np.abs(gaps[i]))) for i, lab in enumerate(LABELS)},
+        initial_gaps={lab: gaps[i, 0] for i, lab in enumerate(LABELS)},
+        final_gaps={lab: gaps[i, -1] for i, lab in enumerate(LABELS)},
+        final_sq_norms={lab: norms[i, -1] for i, lab in enumerate(LABELS)},
+        max_sq_norm={lab: float(scale[i]) for i, lab in enumerate(LABELS)},
+        initial_ratios={lab: ratios[i, 0] for i, lab in enumerate(LABELS)},
+        final_ratios={lab: ratios[i, -1] for i, lab in enumerate(LABELS)},
         paper={"balanced_max_gap": PAPER_BALANCED_MAX_GAP, "balanced_norms": 43.0,
                "unbalanced_max_gap": PAPER_UNBALANCED_MAX_GAP},
-        gd_drift_measured_final={lab: led_meas[i, -1] for i, lab in enumerate(labels)},
-        gd_drift_ledger_final={lab: led_pred[i, -1] for i, lab in enumerate(labels)},
+        gd_drift_measured_final={lab: g["led_meas"][i, -1] for i, lab in enumerate(LABELS)},
+        gd_drift_ledger_final={lab: g["led_pred"][i, -1] for i, lab in enumerate(LABELS)},
         ledger_max_discrepancy=float(ledger.max_discrepancy()),
         gd_time_horizon=float(ts[-1]),
         unbalanced_pair_moves=pair_moves,
     )
-    if use_flow:
+    if f is not None:
+        flow, f_gaps, f_ok = f["flow"], f["gaps"], f["ok"]
         rep.record(flow={
-            "horizon": float(flow_ts[-1]), "horizon_in_iterations": k_flow,
-            "t_reached": t_reached, "result": np.asarray(flow.result),
+            "horizon": float(f["ts"][-1]), "horizon_in_iterations": cfg["flow_steps"],
+            "t_reached": f["t_reached"], "result": np.asarray(flow.result),
             "num_steps": np.asarray(flow.stats["num_steps"]),
             "num_rejected_steps": np.asarray(flow.stats["num_rejected_steps"]),
             "max_gap_drift": [float(np.max(np.abs(f_gaps[i] - f_gaps[i, :1])[f_ok[i]]))
@@ -165,26 +185,30 @@ def body(rep: Report) -> None:
              f"iteration {cfg['steps']}: {ts[-1]:.4g}. Unbalanced init: each difference moved "
              f"by {', '.join(f'{x:.3g}' for x in pair_moves)} of its own initial value (the "
              "GD drift, predicted exactly by the ledger; large early steps at quick size).")
-    if use_flow:
+    if f is not None:
         rep.note(f"The flow is integrated (Tsit5, kinks='smooth', rtol=atol={cfg['rtol']:g}, "
-                 f"max_steps={cfg['flow_max_steps']}) up to the time of iteration {k_flow} "
-                 f"(t={flow_ts[-1]:.4g}); it reached t = "
-                 f"{', '.join(f'{t:.4g}' for t in t_reached)} (balanced, unbalanced).")
+                 f"max_steps={cfg['flow_max_steps']}) up to the time of iteration "
+                 f"{cfg['flow_steps']} (t={f['ts'][-1]:.4g}); it reached t = "
+                 f"{', '.join(f'{t:.4g}' for t in f['t_reached'])} (balanced, unbalanced).")
     else:
         rep.note("The gradient flow is not run at this size (flow_steps = 0).")
 
-    # Figure 1: the paper's four panels with the flow on the same axes.
+
+def _figure_panels(rep: Report, cfg, g: dict, f: dict | None) -> None:
+    """Figure 1: the paper's four panels with the flow on the same axes."""
+    steps, norms, gaps, ratios = g["steps"], g["norms"], g["gaps"], g["ratios"]
+    use_flow = f is not None
     fig, axes = figure(2, 2, width=5.4, height=3.8)
     pairs = [f"|‖W{h + 1}‖²−‖W{h + 2}‖²|" for h in range(gaps.shape[-1])]
     rpairs = [f"‖W{h + 1}‖²/‖W{h + 2}‖²" for h in range(gaps.shape[-1])]
-    for i, lab in enumerate(labels):
+    for i, lab in enumerate(LABELS):
         ax = axes[i, 0]
         for h in range(gaps.shape[-1]):
             ax.plot(steps, np.abs(gaps[i, :, h]), color=f"C{h}", label=f"GD {pairs[h]}")
             if use_flow:
-                ok = f_ok[i]
-                ax.plot(f_iter[ok], np.abs(f_gaps[i, ok, h]), color=f"C{h}", ls="--", lw=2.2,
-                        alpha=0.6, label=f"flow {pairs[h]}")
+                ok = f["ok"][i]
+                ax.plot(f["iter"][ok], np.abs(f["gaps"][i, ok, h]), color=f"C{h}", ls="--",
+                        lw=2.2, alpha=0.6, label=f"flow {pairs[h]}")
         ax2 = ax.twinx()
         for h in range(norms.shape[-1]):
             ax2.plot(steps, norms[i, :, h], color="0.5", ls=":", lw=1)
@@ -197,9 +221,9 @@ def body(rep: Report) -> None:
         for h in range(ratios.shape[-1]):
             ax.plot(steps, ratios[i, :, h], color=f"C{h}", label=f"GD {rpairs[h]}")
             if use_flow:
-                ok = f_ok[i]
-                fr = f_norms[i, ok, h] / f_norms[i, ok, h + 1]
-                ax.plot(f_iter[ok], fr, color=f"C{h}", ls="--", lw=2.2, alpha=0.6,
+                ok = f["ok"][i]
+                fr = f["norms"][i, ok, h] / f["norms"][i, ok, h + 1]
+                ax.plot(f["iter"][ok], fr, color=f"C{h}", ls="--", lw=2.2, alpha=0.6,
                         label=f"flow {rpairs[h]}")
         ax.axhline(1.0, color="k", lw=0.6, ls="--")
         finish(ax, xlabel="GD iteration", ylabel="ratio of squared norms", logy=(i == 1),
@@ -208,24 +232,28 @@ def body(rep: Report) -> None:
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-    fig.suptitle(f"Du, Hu, Lee 2018, Fig 2: ReLU net {'→'.join(map(str, sizes))}, n={n}, "
-                 f"GD η_k={cfg['eta0']:g}(k+1)^-{0.5 + cfg['delta']:g}", fontsize=11)
+    fig.suptitle(f"Du, Hu, Lee 2018, Fig 2: ReLU net {'→'.join(map(str, cfg['sizes']))}, "
+                 f"n={cfg['n']}, GD η_k={cfg['eta0']:g}(k+1)^-{0.5 + cfg['delta']:g}",
+                 fontsize=11)
     rep.save_figure(fig, "fig2.png")
 
-    # Figure 2: loss, and the GD drift ledger against the measured drift.
+
+def _figure_loss_ledger(rep: Report, g: dict, f: dict | None) -> None:
+    """Figure 2: loss, and the GD drift ledger against the measured drift."""
+    steps, led_meas, led_pred = g["steps"], g["led_meas"], g["led_pred"]
     fig, axes = figure(2, 1, width=5.4)
     ax = axes[0, 0]
-    for i, lab in enumerate(labels):
-        ax.plot(steps, positive(gd.loss[i]), color=f"C{i}", label=f"GD, {lab}")
-        if use_flow:
-            ok = f_ok[i]
-            ax.plot(f_iter[ok], positive(np.asarray(flow.loss[i])[ok]), color=f"C{i}",
+    for i, lab in enumerate(LABELS):
+        ax.plot(steps, positive(g["gd"].loss[i]), color=f"C{i}", label=f"GD, {lab}")
+        if f is not None:
+            ok = f["ok"][i]
+            ax.plot(f["iter"][ok], positive(np.asarray(f["flow"].loss[i])[ok]), color=f"C{i}",
                     ls="--", lw=2.2, alpha=0.6, label=f"flow, {lab}")
     finish(ax, xlabel="GD iteration (flow: t mapped to k)", ylabel="loss", logy=True,
            title="training loss")
     ax = axes[0, 1]
     k = slice(1, None)
-    for i, lab in enumerate(labels):
+    for i, lab in enumerate(LABELS):
         for h in range(led_meas.shape[-1]):
             ax.plot(steps[k], positive(np.abs(led_meas[i, k, h])), color=f"C{2 * i + h}",
                     lw=2.5, alpha=0.5, label=f"{lab}: measured |Δ gap{h + 1}{h + 2}|")

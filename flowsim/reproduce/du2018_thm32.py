@@ -45,26 +45,38 @@ def _fit_rate(steps, err):
 
 def body(rep: Report) -> None:
     cfg = rep.setup(_setup(rep.quick))
-    m, n, s, eta = cfg["m"], cfg["n"], cfg["s"], cfg["eta"]
+    cfg["seeds"] = rep.seeds
+    steps, err, ratio = _run(cfg, rep.seeds)
+    rho = np.array([_fit_rate(steps, e) for e in err])
+    rho_pred = max(abs(1 - cfg["eta"] * cfg["s"]), abs(1 - 2 * cfg["eta"] * cfg["s"]))
+    converged = err[:, -1] <= CONVERGED
+    in_band = np.all((ratio >= 1 / C0) & (ratio <= C0), axis=1)
+    ok = converged & np.isfinite(rho)
+    _verdicts(rep, cfg, steps, err, ratio, rho, rho_pred, converged, in_band, ok)
+    _figure(rep, cfg, steps, err, ratio, rho, rho_pred, converged, in_band, ok)
+
+
+def _run(cfg, seeds: int):
+    """GD from `seeds` small initialisations: saved steps, relative error and factor ratio."""
+    m, n, s = cfg["m"], cfg["n"], cfg["s"]
     # M = s u* v*^T: the rank-1 factorization problem with spectrum (s,) (random unit u*, v*).
     problem = problems.factorization((m, n), 1, (s,), data_seed=0,
                                      variance=cfg["init_std"] ** 2)
     left, _, right = np.linalg.svd(np.asarray(problem.M))
     u_star, v_star = left[:, 0], right[0]  # signs irrelevant: the ratio uses |u^T u*|, |v^T v*|
-    cfg["seeds"] = rep.seeds
-    models = init.batch(problem.init, rep.seeds, key=jr.key(1))
-    traj = gradient_descent(models, problem.loss, cfg["steps"], learning_rate=eta,
+    models = init.batch(problem.init, seeds, key=jr.key(1))
+    traj = gradient_descent(models, problem.loss, cfg["steps"], learning_rate=cfg["eta"],
                             save_every=cfg["save_every"], batched=True)
     steps = np.asarray(traj.steps)
     U = np.asarray(traj.models.U[..., 0])  # (seeds, T, m)
     V = np.asarray(traj.models.V[..., 0])
     err = np.sqrt(2 * np.asarray(traj.loss)) / s  # ||u v^T - M||_F / ||M||_F
     ratio = np.abs(U @ u_star) / np.abs(V @ v_star)
-    converged = err[:, -1] <= CONVERGED
-    in_band = np.all((ratio >= 1 / C0) & (ratio <= C0), axis=1)
-    rho = np.array([_fit_rate(steps, e) for e in err])
-    rho_pred = max(abs(1 - eta * s), abs(1 - 2 * eta * s))
-    ok = converged & np.isfinite(rho)
+    return steps, err, ratio
+
+
+def _verdicts(rep: Report, cfg, steps, err, ratio, rho, rho_pred, converged, in_band, ok):
+    """The claims, the recorded numbers and the notes."""
     rate_err = np.abs((1 - rho[ok]) / (1 - rho_pred) - 1)
     below = err <= 1e-6
     iters_1e6 = np.where(below.any(axis=1), steps[np.argmax(below, axis=1)], -1)
@@ -112,6 +124,10 @@ def body(rep: Report) -> None:
              f"relative error < {FIT_RANGE[1]:g}; predicted rate from the linearisation at the "
              "balanced minimum (module docstring).")
 
+
+def _figure(rep: Report, cfg, steps, err, ratio, rho, rho_pred, converged, in_band, ok):
+    """Error curves against the predicted rate, the factor ratio, the fitted rates."""
+    m, n, eta = cfg["m"], cfg["n"], cfg["eta"]
     fig, axes = figure(3, 1, width=4.6)
     shown = min(rep.seeds, 24)
     ax = axes[0, 0]
