@@ -96,7 +96,8 @@ def power_decay(name, model, loss, inputs, deltas, eta0s, steps, save_every):
             gd = flowsim.gradient_descent(model, loss, steps, learning_rate=sched,
                                           save_every=save_every)
             if not bool(gd.succeeded):
-                rows.append({"eta0": eta0, "delta": delta, "diverged_at": int(gd.diverged_at)})
+                rows.append({"eta0": eta0, "delta": delta, "diverged_at":
+                             int(gd.stats["diverged_at"])})
                 continue
             err = flowsim.discretization_error(gd, flow_at(model, loss, gd), inputs)
             ledger = invariants.gd_drift_ledger(gd)

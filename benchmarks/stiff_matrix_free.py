@@ -6,7 +6,7 @@ columns are scaled by logspace(0, -3) (condition number 1e3), targets from a ran
 the same shape, horizon T = 1e4 (quick: 3e3). The sharpness lambda_max(theta_0) ~ 15 makes
 lambda_max T ~ 1.5e5 (quick ~ 3e4, both printed): an explicit method needs >= lambda_max T / 3.3
 steps for stability alone, whatever its tolerance, while the data's weak directions take the
-whole horizon to be learnt. Above `flowsim._flow.DENSE_JACOBIAN_MAX` = 2,000 parameters flowsim's
+whole horizon to be learnt. Above `flowsim._solvers.DENSE_JACOBIAN_MAX` = 2,000 parameters flowsim's
 stiff solver is Kvaerno5 with Newton + GMRES on Hessian-vector products.
 
 Contenders, all through `flowsim.gradient_flow(model, loss, T, solver=..., rtol=tol, atol=tol)`:
@@ -110,7 +110,7 @@ def main(argv=None):
     flat = wp.Flat(problem)
     if not quick and flat.n < 50_000:
         raise RuntimeError(f"the full problem must have >= 50,000 parameters, has {flat.n}")
-    if flat.n <= flowsim._flow.DENSE_JACOBIAN_MAX:
+    if flat.n <= flowsim._solvers.DENSE_JACOBIAN_MAX:
         raise RuntimeError("the problem must be above DENSE_JACOBIAN_MAX (matrix-free Kvaerno5)")
     T = problem.t1
     lam0 = float(flowsim.sharpness(problem.model, problem.loss))
@@ -188,7 +188,7 @@ def main(argv=None):
     jax.block_until_ready(traj.models)
     tsit5_s = time.perf_counter() - t0
     t_reached = float(traj.stats["t_reached"])
-    reached = int(traj.result) == 0
+    reached = bool(traj.succeeded)
     stability_steps = lam0 * T / 3.3
     tsit5 = {"tol": 1e-7, "max_steps": tsit5_steps, "reached": reached,
              "t_reached": t_reached, "wall_s": tsit5_s,

@@ -41,9 +41,9 @@ import scipy.integrate
 from jax.flatten_util import ravel_pytree
 
 import flowsim
-from flowsim import _flow as flowsim_flow
+from flowsim import _solvers, kinks as flowsim_kinks
 
-DENSE_MAX = flowsim_flow.DENSE_JACOBIAN_MAX
+DENSE_MAX = _solvers.DENSE_JACOBIAN_MAX
 
 
 # --------------------------------------------------------------------------- flat problem
@@ -88,7 +88,7 @@ class Flat:
 
 def uses_kinks(flat):
     """Does flowsim's default take the exact-kink (event-driven) path on this problem?"""
-    return flowsim_flow._use_kinks("auto", flat.problem.model, flat.problem.loss)
+    return flowsim_kinks.resolve("auto", flat.problem.model, flat.problem.loss) is not None
 
 
 def run_flowsim(flat, solver, tol, max_steps, t1=None, kinks="auto", count_evals=False):
@@ -97,7 +97,7 @@ def run_flowsim(flat, solver, tol, max_steps, t1=None, kinks="auto", count_evals
                                  rtol=tol, atol=tol, max_steps=max_steps, throw=False,
                                  kinks=kinks, count_evals=count_evals)
     jax.block_until_ready(traj.models)
-    ok = int(traj.result) == 0
+    ok = bool(traj.succeeded)
     y = flat.ravel(traj.final_model())
     info = {"num_steps": int(traj.stats["num_steps"]),
             "num_rejected": int(traj.stats["num_rejected_steps"]), "solver": traj.solver}

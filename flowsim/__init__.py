@@ -24,17 +24,20 @@ from ._compare import (
     modified_flow_loss as modified_flow_loss,
 )
 from ._descent import DivergenceWarning as DivergenceWarning, gradient_descent as gradient_descent
+from ._estimate import estimate_error as estimate_error
 from ._exact.solve import Events as Events
-from ._flow import (
+from ._flow import gradient_flow as gradient_flow
+from ._precision import PrecisionWarning as PrecisionWarning
+from ._results import (
+    RESULTS as RESULTS,
     FlowFailed as FlowFailed,
     FlowWarning as FlowWarning,
-    gradient_flow as gradient_flow,
 )
-from ._precision import PrecisionWarning as PrecisionWarning
 from ._rosenbrock import ROS34PW2 as ROS34PW2, Rodas5P as Rodas5P
 from ._spectral import sharpness as sharpness
 from ._trajectory import Trajectory as Trajectory
 from .kinks import (
+    AutoKinks as AutoKinks,
     ExactKinks as ExactKinks,
     KinksWarning as KinksWarning,
     SmoothKinks as SmoothKinks,

@@ -21,6 +21,7 @@ from ._problem import (
     format_bytes,
     split_batch,
 )
+from ._results import RESULTS, from_codes
 from ._trajectory import Trajectory
 
 MAX_STEPS = 2**31 - 1
@@ -233,11 +234,12 @@ def gradient_descent(
     - `throw`: raise `FloatingPointError` if a trajectory diverges; by default a
       `DivergenceWarning` names the trajectories and steps and the results are returned.
 
-    **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `steps`, `diverged_at`,
-    `ledger` (the GD drift ledger, see `flowsim.invariants.gd_drift_ledger`),
-    `learning_rates` and `stats["ledger_bound"]`: sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at
-    each saved k, the bound on how far any balance gap (a unit's, a layer's, the Gram gap in
-    Frobenius norm) has drifted by step k.
+    **Returns:** a `flowsim.Trajectory` with `ts`, `models`, `loss`, `steps`, `result`
+    (`flowsim.RESULTS.successful` or `.diverged`), `ledger` (the GD drift ledger, see
+    `flowsim.invariants.gd_drift_ledger`), `learning_rates`, `stats["diverged_at"]` (the first
+    step whose loss or iterate is not finite, or -1) and `stats["ledger_bound"]`:
+    sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at each saved k, the bound on how far any balance
+    gap (a unit's, a layer's, the Gram gap in Frobenius norm) has drifted by step k.
 
     **Raises:** `ValueError` for bad arguments: NaN or inf in the initial model or the loss's
     data arrays (checked where they are concrete, not under tracing), a schedule not positive
@@ -254,7 +256,7 @@ def gradient_descent(
     X = jr.normal(kx, (32, 4)); Y = X[:, :2]
     net = flowsim.models.MLP((4, 8, 2), "relu", key=kw)
     traj = flowsim.gradient_descent(net, flowsim.losses.square(X, Y), 500, learning_rate=0.1)
-    traj.loss[-1] < traj.loss[0]  # True
+    assert traj.loss[-1] < traj.loss[0]
     ```
     """
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
@@ -283,10 +285,10 @@ def gradient_descent(
         models=eqx.combine(saved_p, static),
         loss=saved_loss,
         steps=save_steps,
-        diverged_at=div,
+        result=from_codes(jnp.where(div >= 0, RESULTS.diverged._value, RESULTS.successful._value)),
         ledger=ledger if with_ledger else None,
         learning_rates=etas,
-        stats={"ledger_bound": bound},
+        stats={"diverged_at": div, "ledger_bound": bound},
         batched=batched,
     )
     _report_divergence(div, throw)

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ._results import RESULTS
+
 
 class Trajectory(eqx.Module):
     """Saved states of gradient descent or gradient flow.
@@ -19,17 +21,15 @@ class Trajectory(eqx.Module):
       axis when batched).
     - `loss`: loss at each saved state, shape `(T,)` or `(B, T)`.
     - `steps`: for gradient descent, the iteration index k of each saved state, shape `(T,)`.
-    - `diverged_at`: gradient descent only: the first step whose loss or iterate is not finite,
-      or -1; shape `()` or `(B,)`. Later saved states repeat the last finite iterate, with loss NaN.
-    - `result`: gradient flow only: the result code per trajectory: 0 = successful; positive:
-      diffrax's `RESULTS` index (1: max_steps reached); -1: more kink events than `max_events`;
-      -2: the piecewise (exact-kink) solve stopped before t1; -3: diverged (non-finite state or
-      loss, or a loss falling without bound, as in a finite-time blow-up), with the time
-      reached in `stats["t_reached"]`. Saved times after the time reached hold diffrax's fill
-      value (inf) and the loss there.
-    - `stats`: solver statistics per trajectory (e.g. `num_steps`, `num_rejected_steps`,
-      `num_grad_evals`, `num_hvp_evals`); for gradient descent
-      `ledger_bound`, sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at each saved k).
+    - `result`: how each trajectory ended, a `flowsim.RESULTS` item (shape `()` or `(B,)`):
+      `RESULTS.successful`, `RESULTS.max_steps_reached`, `RESULTS.max_events_reached`,
+      `RESULTS.diverged`, ... A flow that stopped early has the time it reached in
+      `stats["t_reached"]`; its later saved times hold diffrax's fill value (inf).
+    - `stats`: per-trajectory statistics of the solver that ran. Flow: `num_steps`,
+      `num_accepted_steps`, `num_rejected_steps`, `t_reached`, `num_grad_evals`, ...; descent:
+      `diverged_at` (the first step whose loss or iterate is not finite, or -1; later saved
+      states repeat the last finite iterate, with loss NaN) and `ledger_bound`
+      (sum_{i<k} eta_i^2 ||grad L(theta_i)||^2 at each saved k).
     - `ledger`: gradient descent only: for each hidden layer, the cumulative change of every
       unit's balance gap predicted by the GD drift identity, shape `(T, units)` (see
       `flowsim.invariants.gd_drift_ledger`).
@@ -45,8 +45,7 @@ class Trajectory(eqx.Module):
     models: Any
     loss: Float[Array, "*batch time"]
     steps: Int[Array, " time"] | None = None
-    diverged_at: Int[Array, "*batch"] | None = None
-    result: Int[Array, "*batch"] | None = None
+    result: Any = None
     stats: dict[str, Array] = eqx.field(default_factory=dict)
     ledger: tuple[Float[Array, "*batch time units"], ...] | None = None
     learning_rates: Float[Array, " steps"] | None = None
@@ -57,12 +56,8 @@ class Trajectory(eqx.Module):
 
     @property
     def succeeded(self) -> Bool[Array, "*batch"]:
-        """True for each trajectory that finished without divergence or solver failure (`result`
-        0, `diverged_at` -1)."""
-        if self.diverged_at is not None:
-            return self.diverged_at < 0
-        assert self.result is not None
-        return self.result == 0
+        """True for each trajectory that ended with `flowsim.RESULTS.successful`."""
+        return self.result == RESULTS.successful
 
     @property
     def num_saved(self) -> int:
@@ -81,7 +76,6 @@ class Trajectory(eqx.Module):
             models=_map_arrays(lambda x: x[i], self.models),
             loss=self.loss[i],
             steps=self.steps,
-            diverged_at=pick(self.diverged_at),
             result=pick(self.result),
             stats=pick(self.stats),
             ledger=pick(self.ledger),
@@ -110,8 +104,9 @@ class Trajectory(eqx.Module):
         lines = []
         for b in range(ts.shape[0]):
             status = "ok" if ok[b] else "FAILED"
-            if self.diverged_at is not None and not ok[b]:
-                status = f"diverged at step {int(np.atleast_1d(np.asarray(self.diverged_at))[b])}"
+            if "diverged_at" in self.stats and not ok[b]:
+                step = int(np.atleast_1d(np.asarray(self.stats["diverged_at"]))[b])
+                status = f"diverged at step {step}"
             lines.append(f"[{b}] t={ts[b, -1]:.6g} loss={loss[b, -1]:.6e} {status}")
         return "\n".join(lines)
 

@@ -91,7 +91,7 @@ def main(argv=None):
               + " ".join(f"{g:+11.4e}" for g in gaps[i]) + " "
               + " ".join(f"{v:9.4f}" for v in norms[i]))
     print(f"final loss {float(traj.loss[-1]):.6e} (initial {float(traj.loss[0]):.6e}); "
-          f"diverged_at {int(traj.diverged_at)}")
+          f"diverged_at {int(traj.stats['diverged_at'])}")
     print(f"max |layer gap| along the run {np.abs(gaps).max():.4e}; "
           f"max |drift of a layer gap| {measured:.4e}")
     print(f"drift ledger: max |measured - predicted| over units and saved steps "

@@ -54,7 +54,7 @@ def main():
         row = {
             **{k: float(v) for k, v in traj.stats.items()},
             "wall_s": wall,
-            "result": int(traj.result),
+            "result": int(traj.result._value),
             "loss_t0": float(traj.loss[0]),
             "loss_t1": float(traj.loss[-1]),
             "layer_gap_drift_abs": [float(d) for d in drift],

@@ -60,7 +60,8 @@ def test_gd_is_the_plain_update_and_trajectory_bookkeeping():
     for arr in (traj.ts, traj.loss, traj.learning_rates, *traj.ledger, *traj.models.weights):
         assert arr.dtype == jnp.float64
     assert float(traj.loss[-1]) < float(traj.loss[0])
-    assert int(traj.diverged_at) == -1 and bool(traj.succeeded)
+    assert int(traj.stats["diverged_at"]) == -1 and bool(traj.succeeded)
+    assert traj.result == flowsim.RESULTS.successful
     assert traj.summary().startswith("[0] t=") and traj.summary().endswith(" ok")
 
 
@@ -81,7 +82,7 @@ def test_fig2_small_power_decay_10000_steps_one_compile():
         )
         jax.block_until_ready(traj)
     assert compiles["n"] == 1, compiles
-    assert traj.loss.shape == (11,) and int(traj.diverged_at) == -1
+    assert traj.loss.shape == (11,) and int(traj.stats["diverged_at"]) == -1
     # The loss leaves the saddle near the small init and drops >5x (observed 0.60 -> 0.049).
     assert float(traj.loss[-1]) < 0.2 * float(traj.loss[0]), traj.loss
     # Auto-balancing: the squared layer norms grow > 100x (observed 0.01 -> 3.4) while the layer
@@ -110,7 +111,8 @@ def test_batched_equals_single_calls_and_compiles_once():
         jax.block_until_ready(traj)
     assert compiles["n"] == 1, compiles
     assert traj.ts.shape == traj.loss.shape == (16, 31)
-    assert traj.diverged_at.shape == (16,) and np.all(np.asarray(traj.diverged_at) == -1)
+    div = np.asarray(traj.stats["diverged_at"])
+    assert div.shape == (16,) and np.all(div == -1)
     batched_ledger = invariants.gd_drift_ledger(traj)
 
     # 1e-12: the batched program vectorises the same float64 operations; reductions may be

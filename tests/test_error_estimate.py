@@ -1,4 +1,4 @@
-"""`gradient_flow(..., error_estimate=True)`: the a-posteriori global error estimate from a
+"""`flowsim.estimate_error(...)`: the a-posteriori global error estimate from a
 second solve at tolerances / ERROR_ESTIMATE_FACTOR, checked against true errors."""
 
 import equinox as eqx
@@ -41,8 +41,7 @@ def test_estimate_matches_true_error_smooth_problem(tol):
     mf, loss = _factorization()
     ts = jnp.linspace(0.0, 10.0, 11)
     ref = flowsim.gradient_flow(mf, loss, 10.0, ts=ts, solver="dopri8", rtol=1e-14, atol=1e-14)
-    traj = flowsim.gradient_flow(mf, loss, 10.0, ts=ts, solver="tsit5", rtol=tol, atol=tol,
-                                 error_estimate=True)
+    traj = flowsim.estimate_error(mf, loss, 10.0, ts=ts, solver="tsit5", rtol=tol, atol=tol)
     est, true = float(traj.stats["error_estimate"]), _true_error(traj, ref)
     assert 0.5 <= est / true <= 2.0, (est, true)
     plain = flowsim.gradient_flow(mf, loss, 10.0, ts=ts, solver="tsit5", rtol=tol, atol=tol)
@@ -67,8 +66,8 @@ def test_estimate_through_kinks_exact_path(relu_reference):
     # The exact-kink path: its error follows the tolerance through every event, and so does
     # the estimate (measured: 2.34e-6 against a true 2.54e-6 at tol 1e-6).
     net, loss, ts, ref = relu_reference
-    traj = flowsim.gradient_flow(net, loss, 10.0, ts=ts, solver="tsit5", rtol=1e-6, atol=1e-6,
-                                 kinks="exact", error_estimate=True)
+    traj = flowsim.estimate_error(net, loss, 10.0, ts=ts, solver="tsit5", rtol=1e-6, atol=1e-6,
+                                 kinks="exact")
     est, true = float(traj.stats["error_estimate"]), _true_error(traj, ref)
     assert 0.5 <= est / true <= 2.0, (est, true)
     assert true <= 1e-5
@@ -79,8 +78,8 @@ def test_estimate_flags_smooth_solve_through_kinks(relu_reference):
     # ends 3.2e-4 (relative) from the exact flow, 300x its tolerance, with no failure. The
     # estimate sees it (measured 3.0e-4); the tolerance alone would not.
     net, loss, ts, ref = relu_reference
-    traj = flowsim.gradient_flow(net, loss, 10.0, ts=ts, solver="tsit5", rtol=1e-6, atol=1e-6,
-                                 kinks="smooth", error_estimate=True)
+    traj = flowsim.estimate_error(net, loss, 10.0, ts=ts, solver="tsit5", rtol=1e-6, atol=1e-6,
+                                 kinks="smooth")
     est, true = float(traj.stats["error_estimate"]), _true_error(traj, ref)
     assert true >= 100 * 1e-6, true
     assert 0.5 <= est / true <= 2.0, (est, true)
@@ -92,14 +91,14 @@ def test_estimate_batched_equals_loop_and_compiles_once():
     X = jr.normal(jr.key(1), (10, 3))
     loss = flowsim.losses.square(X, jr.normal(jr.key(2), (10, 2)))
     nets = flowsim.init.batch(lambda k: MLP((3, 5, 2), "tanh", key=k), 3, key=jr.key(3))
-    kw = dict(solver="tsit5", rtol=1e-7, atol=1e-7, error_estimate=True)
+    kw = dict(solver="tsit5", rtol=1e-7, atol=1e-7)
     with count_compilations("_flow_solve") as c:
-        batch = flowsim.gradient_flow(nets, loss, 2.0, batched=True, **kw)
+        batch = flowsim.estimate_error(nets, loss, 2.0, batched=True, **kw)
     assert c["n"] == 1, c
     est = np.asarray(batch.stats["error_estimate"])
     assert est.shape == (3,) and np.all((est > 0) & (est < 1e-5)), est
     for i in range(3):
-        one = flowsim.gradient_flow(jax.tree.map(lambda x, i=i: x[i], nets), loss, 2.0, **kw)
+        one = flowsim.estimate_error(jax.tree.map(lambda x, i=i: x[i], nets), loss, 2.0, **kw)
         np.testing.assert_allclose(float(one.stats["error_estimate"]), est[i], rtol=1e-6)
 
 
@@ -110,8 +109,8 @@ def test_failed_tight_solve_gives_nan_and_warns():
     steps = int(flowsim.gradient_flow(mf, loss, 10.0, solver="tsit5", rtol=1e-6,
                                       atol=1e-6).stats["num_steps"])
     with pytest.warns(flowsim.FlowWarning, match=r"no error estimate .* raise max_steps"):
-        traj = flowsim.gradient_flow(mf, loss, 10.0, solver="tsit5", rtol=1e-6, atol=1e-6,
-                                     max_steps=steps, error_estimate=True)
+        traj = flowsim.estimate_error(mf, loss, 10.0, solver="tsit5", rtol=1e-6, atol=1e-6,
+                                     max_steps=steps)
     assert bool(traj.succeeded) and np.isnan(float(traj.stats["error_estimate"]))
-    with pytest.raises(TypeError, match="`error_estimate` must be True or False"):
-        flowsim.gradient_flow(mf, loss, 1.0, error_estimate="yes")
+    with pytest.raises(ValueError, match=r"`factor` must be a number above 1, got 0\.5"):
+        flowsim.estimate_error(mf, loss, 1.0, factor=0.5)

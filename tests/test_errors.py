@@ -179,13 +179,15 @@ def test_divergence_is_reported_per_trajectory():
     nets, loss = _diverging_batch()
     with pytest.warns(flowsim.DivergenceWarning) as record:
         traj = flowsim.gradient_descent(nets, loss, 40, learning_rate=0.1, batched=True)
-    div = np.asarray(traj.diverged_at)
+    div = np.asarray(traj.stats["diverged_at"])
     assert div[0] == div[2] == -1 and div[1] > 0 and div[3] > 0, div
     assert len(record) == 1
     msg = str(record[0].message)
     assert f"trajectory 1 at step {div[1]}, trajectory 3 at step {div[3]}" in msg, msg
     assert "trajectory 0" not in msg and "trajectory 2" not in msg, msg
     assert np.array_equal(np.asarray(traj.succeeded), [True, False, True, False])
+    assert np.array_equal(np.asarray(traj.result == flowsim.RESULTS.diverged),
+                          [False, True, False, True])
 
     for b in (1, 3):
         sel = traj[b]
@@ -212,7 +214,7 @@ def test_divergence_is_reported_per_trajectory():
     with pytest.warns(flowsim.DivergenceWarning, match=rf"trajectory 0 at step {div[1]};"):
         alone = flowsim.gradient_descent(jax.tree.map(lambda x: x[1], nets), loss, 40,
                                          learning_rate=0.1)
-    assert int(alone.diverged_at) == div[1]
+    assert int(alone.stats["diverged_at"]) == div[1]
 
     with pytest.raises(FloatingPointError, match=rf"gradient descent diverged \(non-finite loss "
                                                  rf"or iterate\): trajectory 1 at step {div[1]}"):
@@ -230,7 +232,7 @@ def test_ledger_and_trajectory_misuse():
         traj[0]
     batched = jax.tree.map(lambda x: x[None], traj)
     batched = flowsim.Trajectory(ts=batched.ts, models=batched.models, loss=batched.loss,
-                                 steps=traj.steps, diverged_at=batched.diverged_at,
+                                 steps=traj.steps, result=batched.result,
                                  learning_rates=traj.learning_rates, batched=True)
     with pytest.raises(TypeError, match=r"select a trajectory first: traj\[i\]\.model_at\(k\)"):
         batched.model_at(0)

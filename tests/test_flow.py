@@ -1,6 +1,5 @@
 """Gradient flow: exact solutions, invariants, orders, stiffness, batching, failures."""
 
-import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -163,7 +162,7 @@ def test_stiff_long_horizon_explicit_needs_many_steps():
         traj = flowsim.gradient_flow(mf, loss, 1e6, solver="tsit5", rtol=1e-8, atol=1e-8,
                                      max_steps=100_000, throw=False)
     # Tsit5 does not reach T = 1e6 within 100,000 steps: stability caps its step at ~3.3/2.
-    assert int(traj.result) == dfx.RESULTS.max_steps_reached._value
+    assert traj.result == flowsim.RESULTS.max_steps_reached
     assert int(traj.stats["num_steps"]) == 100_000
 
 
@@ -249,7 +248,7 @@ def test_bad_arguments():
 def test_new_tolerances_and_horizon_do_not_recompile(getkey, monkeypatch, solver, dense_max):
     # Tolerances and times are traced: a tolerance sweep compiles once per solver, explicit,
     # implicit with a dense Jacobian, and matrix-free (whose GMRES atol follows atol).
-    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", dense_max)
+    monkeypatch.setattr(flowsim._solvers, "DENSE_JACOBIAN_MAX", dense_max)
     X = jr.normal(getkey(), (10, 3))
     loss = flowsim.losses.square(X, jr.normal(getkey(), (10, 2)))
     net = MLP((3, 4, 2), "tanh", key=getkey())
@@ -289,18 +288,18 @@ def test_layer_gap_drift_statistic(getkey):
 def test_counting_field_counts_each_evaluation():
     # The instrument itself: k JVPs are k gradients and k products; a linearisation applied
     # m times is 1 gradient and m products; a dense Jacobian (vmapped JVPs) is n products.
-    from flowsim import _flow
+    from flowsim import _counting
 
     A = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
     grad = jax.grad(lambda p: 0.5 * p @ A @ p)
-    token = next(_flow._TOKENS)
-    _flow._COUNTS[token] = {"grad": np.zeros(1, np.int64), "hvp": np.zeros(1, np.int64)}
-    field = jax.jit(lambda p: _flow._counting_field(grad, jnp.asarray(token), jnp.asarray(0))(p))
+    token = _counting.open_counts(1)
+    field = jax.jit(lambda p: _counting.counting_field(grad, jnp.asarray(token),
+                                                       jnp.asarray(0))(p))
     p, v = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, 1.0, 0.0])
 
     def counts():
         jax.effects_barrier()
-        return {k: int(n[0]) for k, n in _flow._COUNTS[token].items()}
+        return {k: int(n[0]) for k, n in _counting._COUNTS[token].items()}
 
     np.testing.assert_array_equal(field(p), -A @ p)
     assert counts() == {"grad": 1, "hvp": 0}
@@ -314,7 +313,7 @@ def test_counting_field_counts_each_evaluation():
     assert counts() == {"grad": 5, "hvp": 8}
     np.testing.assert_array_equal(jax.jacfwd(field)(p), -A)
     assert counts() == {"grad": 6, "hvp": 11}
-    del _flow._COUNTS[token]
+    _counting.close_counts(token)
 
 
 @pytest.mark.parametrize("solver, dense_max", [("tsit5", 2000), ("kvaerno5", 2000),
@@ -324,7 +323,7 @@ def test_count_evals_is_exact_and_changes_nothing(getkey, monkeypatch, solver, d
     # stages x steps + 1; every gradient is a forward pass of the loss, which an independent
     # host counter on the loss sees (Hessian products reuse a linearisation, or are vmapped
     # over the basis for a dense Jacobian: n products per Jacobian).
-    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", dense_max)
+    monkeypatch.setattr(flowsim._solvers, "DENSE_JACOBIAN_MAX", dense_max)
     import equinox as eqx
 
     forward = {"n": 0}
@@ -373,8 +372,11 @@ def test_count_evals_batched_reports_lanes(getkey):
     # any member needed on its own.
     assert lanes.shape == (3,) and np.all(lanes >= max(own)), (lanes, own)
     relu = MLP((3, 4, 2), "relu", key=getkey())
-    with pytest.raises(ValueError, match="count_evals=True counts the evaluations of a smooth"):
+    with pytest.raises(ValueError, match=r"`count_evals` is for smooth solves, but this one takes "
+                                          r"the exact-kink path .* pass kinks='smooth'"):
         flowsim.gradient_flow(relu, loss, 1.0, count_evals=True)
+    with pytest.raises(ValueError, match=r"`dt0` is for smooth solves"):
+        flowsim.gradient_flow(relu, loss, 1.0, dt0=0.1)
 
 
 class _CountingLoss(flowsim.losses.factorization(jnp.eye(2)).__class__):
@@ -422,7 +424,7 @@ def test_sharpness_early_stop():
 def test_auto_above_the_dense_limit_picks_rkc2(monkeypatch):
     """Stiff and above `DENSE_JACOBIAN_MAX` parameters: the stabilised explicit RKC2 (no
     Jacobian), which still reaches T = 1e6 on the stiff factorization where Tsit5 cannot."""
-    monkeypatch.setattr(flowsim._flow, "DENSE_JACOBIAN_MAX", 0)
+    monkeypatch.setattr(flowsim._solvers, "DENSE_JACOBIAN_MAX", 0)
     mf, loss = _stiff_problem()
     traj = flowsim.gradient_flow(mf, loss, 1e6, rtol=1e-6, atol=1e-6)
     assert traj.solver == "RKC2"

@@ -58,6 +58,7 @@ import numpy as np
 from scipy import optimize
 
 from .. import gradient_descent, gradient_flow, init, problems
+from .._results import codes as _result_codes
 from ..models import TwoLayerReLU
 from ..problems.two_layer import min_variation_norm
 from ._base import Experiment, Report, figure, finish, positive
@@ -260,7 +261,7 @@ def _verdicts(rep: Report, cfg, r: dict, vmin: float, cert: dict) -> None:
                          "weighted_cosine_D_plus_minus": weighted_cos[np.arange(rep.seeds), early]},
         final_weighted_cosine=weighted_cos[:, -1],
         horizon=float(t[-1]),
-        flow={"t_reached": t_reached, "result": np.asarray(flow.result),
+        flow={"t_reached": t_reached, "result": _result_codes(flow.result),
               "stats": {k: np.asarray(v) for k, v in flow.stats.items() if k != "solver"}},
         gd_vs_flow={"eta": cfg["eta"], "max_param_distance_relative": gd_gap,
                     "gd_variation_norm_ratio": vnorm_gd / vmin,

@@ -19,7 +19,7 @@ handed to the adaptive solver as they are (`kinks="smooth"`): at this size the f
 per-event restarts would take hours on a CPU. The layer gaps, which the exact flow conserves,
 are checked along that solve (claim `flow_conserves_gaps`); the trajectory itself carries the
 smooth solve's error through the kinks, far above its tolerance (estimated 1.7e-2 relative at
-t = 20 for rtol 1e-8 by `error_estimate=True`, docs/kinks.md), which the gaps do not show.
+t = 20 for rtol 1e-8 by `flowsim.estimate_error`, docs/kinks.md), which the gaps do not show.
 """
 
 import equinox as eqx
@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib import ticker
 
 from .. import gradient_descent, gradient_flow, invariants, problems, schedules
+from .._results import codes as _result_codes
 from ._base import Experiment, Report, figure, finish, positive
 
 PAPER_BALANCED_MAX_GAP = 0.14  # |‖W1‖²−‖W2‖²|, |‖W2‖²−‖W3‖²| in the paper (norms grow to ~43)
@@ -176,7 +177,7 @@ def _verdicts(rep: Report, cfg, g: dict, f: dict | None) -> None:
         flow, f_gaps, f_ok = f["flow"], f["gaps"], f["ok"]
         rep.record(flow={
             "horizon": float(f["ts"][-1]), "horizon_in_iterations": cfg["flow_steps"],
-            "t_reached": f["t_reached"], "result": np.asarray(flow.result),
+            "t_reached": f["t_reached"], "result": _result_codes(flow.result),
             "num_steps": np.asarray(flow.stats["num_steps"]),
             "num_rejected_steps": np.asarray(flow.stats["num_rejected_steps"]),
             "max_gap_drift": [float(np.max(np.abs(f_gaps[i] - f_gaps[i, :1])[f_ok[i]]))

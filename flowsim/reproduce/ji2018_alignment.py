@@ -26,6 +26,7 @@ import jax.random as jr
 import numpy as np
 
 from .. import gradient_descent, gradient_flow, init, invariants, problems
+from .._results import codes as _result_codes
 from ..problems.deep_linear_logistic import angle, max_margin
 from ._base import Experiment, Report, figure, finish, positive
 
@@ -81,7 +82,7 @@ def body(rep: Report) -> None:
                           save_every=cfg["save_every"], batched=True)
     res = {"flow": [_measures(flow[i], Xn, yn, w_p) for i in range(rep.seeds)],
            "GD": [_measures(gd[i], Xn, yn, w_p) for i in range(rep.seeds)]}
-    flow_ok = np.asarray(flow.result) == 0
+    flow_ok = np.asarray(flow.succeeded)
 
     def final(kind, key, reduce=np.max):
         return float(reduce([reduce(np.atleast_1d(r[key][-1])) for r in res[kind]]))
@@ -116,7 +117,7 @@ def body(rep: Report) -> None:
     rep.record(
         max_margin=svm, max_margin_w=w_p,
         flow_stats={"num_steps": np.asarray(flow.stats["num_steps"]),
-                    "result": np.asarray(flow.result)},
+                    "result": _result_codes(flow.result)},
         **{f"{kind}_final": {
             "t": float(res[kind][0]["t"][-1]),
             "risk": [float(r["risk"][-1]) for r in res[kind]],

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import invariants as _inv, schedules as _schedules
 from .._descent import DivergenceWarning, gradient_descent
+from .._results import codes as _result_codes
 from . import _families
 from ._config import Point
 
@@ -172,21 +173,20 @@ def run_chunk(point: Point, problem, idx: np.ndarray, real: int, mesh) -> tuple[
             arrays["ledger_bound"] = (("seed", "time"), gd_traj.stats["ledger_bound"])
             if gd_traj.ledger is not None:
                 arrays.update(_ledger_metrics(gd_traj))
-        arrays["gd_diverged_at"] = (("seed",), gd_traj.diverged_at)
+        arrays["gd_diverged_at"] = (("seed",), gd_traj.stats["diverged_at"])
     if "flow" in params:
         fl = params["flow"]
         if ts is None:
             ts = jnp.linspace(0.0, fl["t1"], fl["saves"])
         t = time.perf_counter()
         ts = np.asarray(ts)
-        options = {}
-        if fl["kinks"] != "auto" or fl["max_events"] != 10_000:
-            options = {"kinks": fl["kinks"], "max_events": fl["max_events"]}
-        if fl.get("error_estimate", False):
-            options["error_estimate"] = True
+        exact = _api.ExactKinks(max_events=fl["max_events"])
+        kinks = {"auto": _api.AutoKinks(exact=exact), "exact": exact,
+                 "smooth": _api.SmoothKinks()}[fl["kinks"]]
+        solve = _api.estimate_error if fl.get("error_estimate", False) else _api.gradient_flow
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _api.FlowWarning)  # failures are recorded per seed
-            flow_traj = _api.gradient_flow(
+            flow_traj = solve(
                 models,
                 problem.loss,
                 float(ts[-1]),
@@ -197,7 +197,7 @@ def run_chunk(point: Point, problem, idx: np.ndarray, real: int, mesh) -> tuple[
                 max_steps=fl["max_steps"],
                 batched=True,
                 throw=False,
-                **options,
+                kinks=kinks,
             )
         _block(flow_traj.loss)
         timings["flow_seconds"] = time.perf_counter() - t
@@ -207,7 +207,7 @@ def run_chunk(point: Point, problem, idx: np.ndarray, real: int, mesh) -> tuple[
         if "problem" in record:
             for name, v in _problem_metrics(problem, flow_traj.models).items():
                 arrays[f"{name}_flow"] = v
-        arrays["flow_result"] = (("seed",), flow_traj.result)
+        arrays["flow_result"] = (("seed",), _result_codes(flow_traj.result))
         if "solver_stats" in record:
             for k, v in flow_traj.stats.items():
                 if eqx.is_array(v) and v.ndim == 1:

@@ -109,7 +109,7 @@ _LONG_NAMES = {
     "disc_function": "RMS over inputs of f_GD - f_flow",
     "disc_loss_gap": "L(GD) - L(flow) at t_k",
     "gd_diverged_at": "first non-finite GD step, -1 if none",
-    "flow_result": "diffrax result code, 0 = success",
+    "flow_result": "flowsim.RESULTS code, 0 = successful",
 }
 
 

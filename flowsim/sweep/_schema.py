@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .._flow import SOLVERS
+from .._solvers import SOLVERS
 from ..problems import FAMILIES
 from ..problems.conv import INIT_SCHEMES as _CONV
 from ..problems.deep_linear_logistic import INIT_SCHEMES as _DLL
