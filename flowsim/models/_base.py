@@ -46,6 +46,25 @@ def patterned_activation(name: str, z: Array, mask: Array, negative_slope: float
     raise ValueError(f"activation {name!r} is not piecewise linear; it has no activation pattern")
 
 
+def init_stds(init_std, fan_ins) -> list[float]:
+    """One Gaussian standard deviation per layer from a model's `init_std`: `None` for
+    1/sqrt(fan_in), a float for every layer, or one value per layer (checked)."""
+    n_layers = len(fan_ins)
+    if init_std is None:
+        return [1.0 / float(f) ** 0.5 for f in fan_ins]
+    if isinstance(init_std, int | float):
+        stds = [float(init_std)] * n_layers
+    else:
+        stds = [float(s) for s in init_std]
+        if len(stds) != n_layers:
+            raise ValueError(
+                f"`init_std` must have one entry per layer ({n_layers}), got {len(stds)}"
+            )
+    if any(not (s >= 0) for s in stds):
+        raise ValueError(f"`init_std` must be non-negative, got {stds}")
+    return stds
+
+
 class AbstractModel(eqx.Module):
     """A network whose parameters come in layers, with hidden units between them.
 

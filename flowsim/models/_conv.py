@@ -9,7 +9,13 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import default_dtype
-from ._base import AbstractModel, apply_activation, check_activation, patterned_activation
+from ._base import (
+    AbstractModel,
+    apply_activation,
+    check_activation,
+    init_stds,
+    patterned_activation,
+)
 
 
 def _conv(x, k):
@@ -86,16 +92,7 @@ class ConvNet(AbstractModel):
         n_layers = len(channels) + 1
         fan_ins = [ci * kernel_size**2 for ci in (c, *channels[:-1])]
         fan_ins.append(channels[-1] * hgt_out * wid_out)
-        if init_std is None:
-            stds = [1.0 / f**0.5 for f in fan_ins]
-        elif isinstance(init_std, int | float):
-            stds = [float(init_std)] * n_layers
-        else:
-            stds = [float(s) for s in init_std]
-            if len(stds) != n_layers:
-                raise ValueError(
-                    f"`init_std` must have one entry per layer ({n_layers}), got {len(stds)}"
-                )
+        stds = init_stds(init_std, fan_ins)
         dtype = default_dtype() if dtype is None else dtype
         keys = jr.split(key, n_layers)
         self.filters = tuple(

@@ -8,7 +8,13 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import as_float_array, default_dtype
-from ._base import AbstractModel, apply_activation, check_activation, patterned_activation
+from ._base import (
+    AbstractModel,
+    apply_activation,
+    check_activation,
+    init_stds,
+    patterned_activation,
+)
 
 
 class MLP(AbstractModel):
@@ -64,18 +70,7 @@ class MLP(AbstractModel):
             )
         check_activation(activation)
         n_layers = len(sizes) - 1
-        if init_std is None:
-            stds = [1.0 / float(s) ** 0.5 for s in sizes[:-1]]
-        elif isinstance(init_std, int | float):
-            stds = [float(init_std)] * n_layers
-        else:
-            stds = [float(s) for s in init_std]
-            if len(stds) != n_layers:
-                raise ValueError(
-                    f"`init_std` must have one entry per layer ({n_layers}), got {len(stds)}"
-                )
-        if any(not (s >= 0) for s in stds):
-            raise ValueError(f"`init_std` must be non-negative, got {stds}")
+        stds = init_stds(init_std, sizes[:-1])
         dtype = default_dtype() if dtype is None else dtype
         keys = jr.split(key, n_layers)
         extra = 1 if use_bias else 0
