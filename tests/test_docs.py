@@ -7,7 +7,8 @@
   A block whose fence line is preceded by the line `<!-- skip -->` is shown, not run. An
   example states its result with `assert`; the suite's warning filters (warnings are errors)
   and strict dtype promotion apply.
-- `test_readme_library_example`: README.md's library example (slow: ~50 s, `--runslow`).
+- `test_readme_library_example`: README.md's library example (slow, 20-50 s on 2 cores: run it
+  with `--runslow`).
 - `test_every_public_name_has_an_entry`: every public name of `PUBLIC_MODULES` (its `__all__`,
   or, for a module without one, what `dir()` lists less private names, modules and names
   imported from outside flowsim) has a `::: module.name` entry in docs/api/*.md, with a
