@@ -9,7 +9,7 @@ with Tsit5 at rtol = atol = 1e-8 (~110-190 events per member). Columns, all in o
   single-trajectory program on the CPU);
 - `batch (vmap)`: the vmapped program forced;
 - `loop`: a Python loop of single `gradient_flow` calls (new path);
-- `host loop`: the previous per-member path, `flowsim._kinks.kink_flow`, one Python iteration
+- `host loop`: the previous per-member path, `flowsim._exact.host.kink_flow`, one Python iteration
   per event (timed on min(B, --host-cap) members: its cost per member does not depend on B);
 - `smooth batch` / `smooth loop`: the smooth path (`kinks="smooth"`) batched and looped.
 
@@ -29,7 +29,7 @@ import jax.random as jr
 import numpy as np
 
 import flowsim
-from flowsim._kinks import kink_flow
+from flowsim._exact.host import kink_flow
 
 SIZES, N, VARIANCE, T, TOL = (10, 20, 20, 3), 64, 0.1, 2.0, 1e-8
 

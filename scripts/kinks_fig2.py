@@ -67,7 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import flowsim
-from flowsim import _kinks, invariants as inv
+from flowsim import invariants as inv
+from flowsim._exact import events as exact_events
 from flowsim._exact.checkpoint import checkpoint_info
 
 
@@ -308,17 +309,17 @@ def late(net, loss, t_start, t1, rtol, events):
 def carried_first_layer(net, loss, path, t1, exact_t, rtol, events, warmup=30):
     """Seconds per event from a copy of the checkpoint `path`, with the first layer's
     pre-activations carried in the pieces' state (at any input width) and without
-    (`_kinks._FIRST_STATE`, `_FIRST_STATE_MIN_INPUTS`): `warmup`
+    (`flowsim._exact.events._FIRST_STATE`, `_FIRST_STATE_MIN_INPUTS`): `warmup`
     events (compilation), then `events` timed; both must end at the same time and events.
     `t1`, `exact_t`: those of the solve that wrote the checkpoint (step 3)."""
     rows = {}
-    minimum = _kinks._FIRST_STATE_MIN_INPUTS
+    minimum = exact_events._FIRST_STATE_MIN_INPUTS
     with tempfile.TemporaryDirectory() as folder:
         for carry in (True, False):
             copy = os.path.join(folder, f"carry_{carry}.npz")
             shutil.copy(path, copy)
-            _kinks._FIRST_STATE = carry
-            _kinks._FIRST_STATE_MIN_INPUTS = 0
+            exact_events._FIRST_STATE = carry
+            exact_events._FIRST_STATE_MIN_INPUTS = 0
             row = {}
             try:
                 for name, n in (("warmup", warmup), ("timed", events)):
@@ -336,7 +337,7 @@ def carried_first_layer(net, loss, path, t1, exact_t, rtol, events, warmup=30):
                                  "t_to": after["t"], "sliding_now": len(after["sliding"]),
                                  "stats": after["stats"], "wall_s_per_event": wall / max(done, 1)}
             finally:
-                _kinks._FIRST_STATE, _kinks._FIRST_STATE_MIN_INPUTS = True, minimum
+                exact_events._FIRST_STATE, exact_events._FIRST_STATE_MIN_INPUTS = True, minimum
             rows["carried" if carry else "plain"] = row
             print("carry" if carry else "plain", json.dumps(row["timed"]), flush=True)
     a, b = rows["carried"]["timed"], rows["plain"]["timed"]

@@ -1,5 +1,5 @@
 """The exact path's rate on the Du–Hu–Lee Fig 2 network: the compiled event loop
-(`gradient_flow`, `flowsim._exact`) next to the host-side loop (`flowsim._kinks.kink_flow`)
+(`gradient_flow`, `flowsim._exact`) next to the host-side loop (`flowsim._exact.host.kink_flow`)
 over the same first events, in one process.
 
 Each path first runs the same `--events` events (compiling), then again from t = 0, timed
@@ -23,7 +23,7 @@ import numpy as np
 
 import flowsim
 from flowsim._exact import driver
-from flowsim._kinks import kink_flow
+from flowsim._exact.host import kink_flow
 
 HOST_T20_S, HOST_T20_EVENTS = 23_462.0, 63_417
 

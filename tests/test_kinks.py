@@ -13,7 +13,8 @@ from scipy.integrate import solve_ivp
 
 import flowsim
 from flowsim import invariants as inv
-from flowsim._kinks import _Patterned, kink_flow
+from flowsim._exact.host import kink_flow
+from flowsim._exact.problem import _Patterned
 from flowsim.models import MLP, TwoLayerReLU
 
 from .helpers import tree_max_abs_diff
@@ -176,7 +177,7 @@ def test_field_and_pre_from_first_layer_equal_full_pass(arch):
     # `pre` evaluates the later layers only and `field` gets W_1's gradient as G^T X: the same
     # numbers as the full pass, to rounding (here exactly equal is not required: 1e-14
     # relative).
-    from flowsim._kinks import _Problem
+    from flowsim._exact.problem import _Problem
 
     k1, k2, k3 = jr.split(jr.key(11), 3)
     X = jr.normal(k1, (7, 3))
@@ -208,16 +209,17 @@ def test_carried_first_layer_changes_no_event(name, solutions, monkeypatch):
     # the fixture's solves, on two inputs, take a product with the data at every event
     # evaluation. The steps (the controller's norm sees the parameters only), the events and
     # the states agree, to rounding.
-    from flowsim import _kinks
+    from flowsim._exact import events
+    from flowsim._exact.problem import _Problem
 
     (model, loss), (out, stats, _, _, _) = solutions[name]
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    problem = _kinks._Problem(static, loss, tuple(z.shape for z in model.forward(loss.X)[1]))
+    problem = _Problem(static, loss, tuple(z.shape for z in model.forward(loss.X)[1]))
     controller = dfx.PIDController(rtol=1e-12, atol=1e-12)
-    assert not _kinks._carries_first(problem, dfx.Tsit5(), controller)
-    monkeypatch.setattr(_kinks, "_FIRST_STATE_MIN_INPUTS", 0)
-    assert _kinks._carries_first(problem, dfx.Tsit5(), controller)
-    assert not _kinks._carries_first(problem, dfx.Kvaerno5(), controller)  # implicit
+    assert not events._carries_first(problem, dfx.Tsit5(), controller)
+    monkeypatch.setattr(events, "_FIRST_STATE_MIN_INPUTS", 0)
+    assert events._carries_first(problem, dfx.Tsit5(), controller)
+    assert not events._carries_first(problem, dfx.Kvaerno5(), controller)  # implicit
     carried, carried_stats, result, _, _ = _solve(model, loss, record=False)
     assert result == 0 and carried_stats == stats, (carried_stats, stats)
     # Measured: 4e-15 to 2e-14 (states of size ~1).
@@ -228,7 +230,7 @@ def test_carried_first_layer_changes_no_event(name, solutions, monkeypatch):
 def test_inverse_by_lu_falls_back_to_pseudo_inverse():
     # The sliding slopes' Jacobian is inverted by LU where that is accurate, by the
     # pseudo-inverse where J is singular (more entries sliding than a unit has inputs).
-    from flowsim._kinks import _LSTSQ_RCOND, _inverse
+    from flowsim._exact.problem import _LSTSQ_RCOND, _inverse
 
     rng = np.random.default_rng(0)
     J = rng.standard_normal((40, 40))
@@ -317,7 +319,7 @@ def test_orthogonal_four_units_no_missed_crossing():
 def _coupled_sliding(bias=False):
     """Point 0 on the kinks of layer-1 unit 0 and layer-2 unit 1 of a 3-4-4-2 ReLU MLP
     (`bias`: with biases): (problem, params, mask, sliding entries)."""
-    from flowsim._kinks import _Problem
+    from flowsim._exact.problem import _Problem
 
     k1, k2, k3 = jr.split(jr.key(0), 3)
     X = jr.normal(k1, (5, 3))
@@ -346,14 +348,14 @@ def test_sliding_slopes_solve_coupled_layers():
     # in their slopes; one Newton step left |z'| ~ 1e-5 there, the solution released one of
     # them at once and the flow chattered (thousands of slide/release events). The slopes must
     # make z' vanish on every sliding surface to rounding.
-    from flowsim._kinks import _sliding_arrays
+    from flowsim._exact.sliding import _sliding_arrays, solve_slopes
 
     problem, params, mask, sliding = _coupled_sliding()
     # The per-point path (rows of the sliding entries' points only) and the full one agree.
-    new_mask, lam, field = problem.sliding(params, mask,
-                                           _sliding_arrays(sliding, problem.shapes, True))
-    full_mask, full_lam, _ = problem.sliding(params, mask,
-                                             _sliding_arrays(sliding, problem.shapes, False))
+    new_mask, lam, field = solve_slopes(problem, params, mask,
+                                        _sliding_arrays(sliding, problem.shapes, True))
+    full_mask, full_lam, _ = solve_slopes(problem, params, mask,
+                                          _sliding_arrays(sliding, problem.shapes, False))
     assert float(jnp.max(jnp.abs(lam - full_lam))) <= 1e-12, (lam, full_lam)
     reference = problem.field(params, new_mask)
     scale_f = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(reference))
@@ -378,13 +380,13 @@ def test_separate_event_conditions_match_their_minimum(monkeypatch):
     # with their minimum. Always using the minimum gives the same events and states.
     # Three neurons on four points in R^2, seed 45: 7 crossings, 2 sliding intervals, 2
     # releases, one re-run.
-    from flowsim import _kinks
+    from flowsim._exact import host
 
     k1, k2, k3 = jr.split(jr.key(45), 3)
     model = TwoLayerReLU.random(2, 3, scale=1.0, key=k3)
     loss = flowsim.losses.square(jr.normal(k1, (4, 2)), jr.normal(k2, (4,)))
     ts = np.linspace(0.0, 30.0, 31)
-    piece, combined = _kinks._piece, []
+    piece, combined = host._piece, []
 
     def run():
         return kink_flow(model, loss, 0.0, 30.0, ts, dfx.Tsit5(),
@@ -394,10 +396,10 @@ def test_separate_event_conditions_match_their_minimum(monkeypatch):
         combined.append(kwargs.get("combined", False))
         return piece(*args, **kwargs)
 
-    monkeypatch.setattr(_kinks, "_piece", counting)
+    monkeypatch.setattr(host, "_piece", counting)
     out, stats, result, _ = run()
     assert result == 0 and stats["num_releases"] >= 1 and any(combined), stats
-    monkeypatch.setattr(_kinks, "_piece", lambda *a, **k: piece(*a, **{**k, "combined": True}))
+    monkeypatch.setattr(host, "_piece", lambda *a, **k: piece(*a, **{**k, "combined": True}))
     out_min, stats_min, _, _ = run()
     for key in ("num_events", "num_crossings", "num_sliding_intervals", "num_releases"):
         assert stats[key] == stats_min[key], (key, stats, stats_min)
@@ -411,7 +413,8 @@ def test_sliding_entry_zero_next_to_padding(per_point):
     # slid, the padding's write raced its slope in the scatter, the slope had no effect, z'
     # stayed nonzero there and the entry chattered (slide, release, 2e-10 later slide again:
     # 2,000 events on a two-neuron problem). Three entries (padded to four), entry 0 first.
-    from flowsim._kinks import _Problem, _sliding_arrays
+    from flowsim._exact.problem import _Problem
+    from flowsim._exact.sliding import _sliding_arrays, solve_slopes
 
     k1, k2, k3 = jr.split(jr.key(1), 3)
     X = jr.normal(k1, (5, 3))
@@ -428,8 +431,8 @@ def test_sliding_entry_zero_next_to_padding(per_point):
     sliding = [0, 5, 10]
     assert float(jnp.max(jnp.abs(z[jnp.array(sliding)]))) <= 1e-14
     mask = (z > 0).astype(z.dtype)
-    mask_s, lam, _ = eqx.filter_jit(problem.sliding)(
-        params, mask, _sliding_arrays(sliding, problem.shapes, per_point))
+    mask_s, lam, _ = eqx.filter_jit(solve_slopes)(
+        problem, params, mask, _sliding_arrays(sliding, problem.shapes, per_point))
     zdot = problem.zdot(params, mask_s)
     assert float(jnp.max(jnp.abs(zdot[jnp.array(sliding)]))) <= 1e-12 * float(
         jnp.max(jnp.abs(zdot))), (lam, zdot[jnp.array(sliding)])
@@ -448,14 +451,14 @@ def test_sliding_chord_from_guess_equals_newton(per_point, rowwise_min, monkeypa
     # row-wise one.
     import dataclasses
 
-    from flowsim import _kinks
-    from flowsim._kinks import _sliding_arrays
+    from flowsim._exact import sliding as slopes
+    from flowsim._exact.sliding import _sliding_arrays, slope_guess, slope_system, solve_slopes
 
-    monkeypatch.setattr(_kinks, "_ROWWISE_MIN", rowwise_min)
+    monkeypatch.setattr(slopes, "_ROWWISE_MIN", rowwise_min)
     problem, params, mask, sliding = _coupled_sliding()
-    solve = eqx.filter_jit(lambda p, sl: problem.sliding(p, mask, sl))
+    solve = eqx.filter_jit(lambda p, sl: solve_slopes(problem, p, mask, sl))
     plain = _sliding_arrays(sliding, problem.shapes, per_point)
-    guess = problem.slope_guess(params, mask, plain)
+    guess = slope_guess(problem, params, mask, plain)
     assert float(jnp.max(jnp.abs(guess.lam - solve(params, plain)[1]))) == 0.0
     direction = jax.tree.map(lambda x: jr.normal(jr.key(x.size), x.shape), params)
     bad = dataclasses.replace(guess, pinv=-guess.pinv)
@@ -464,7 +467,7 @@ def test_sliding_chord_from_guess_equals_newton(per_point, rowwise_min, monkeypa
 
     @eqx.filter_jit
     def newton_slopes(p):
-        _, _, residual, jac = problem.slope_system(p, mask, plain, rowwise=False)
+        _, _, residual, jac = slope_system(problem, p, mask, plain, rowwise=False)
 
         def step(_, lam):
             J = jnp.where(both, jac(lam), jnp.eye(k))
@@ -495,7 +498,8 @@ def test_sliding_jacobian_from_rows_equals_forward_mode(arch):
     # identity holds at any state and slopes, so it is checked away from the solution too:
     # five entries (MLP: two points with entries in both layers, two in one layer, point 0
     # among them, so next to the padding of the bucket of 8), random slopes.
-    from flowsim._kinks import _Problem, _sliding_arrays
+    from flowsim._exact.problem import _Problem
+    from flowsim._exact.sliding import _sliding_arrays, slope_system
 
     if arch == "two_layer":
         X = jr.normal(jr.key(3), (5, 3))
@@ -512,7 +516,7 @@ def test_sliding_jacobian_from_rows_equals_forward_mode(arch):
     assert problem.dense_first
     sl = _sliding_arrays(entries, problem.shapes, True)
     assert sl.idx.shape[0] == 8
-    _, _, residual, jac = problem.slope_system(params, mask, sl)
+    _, _, residual, jac = slope_system(problem, params, mask, sl)
     for key in range(3):
         lam = jr.uniform(jr.key(key), (8,), dtype=mask.dtype)
         rows = jax.jit(jac)(lam)
@@ -575,7 +579,7 @@ def test_auto_is_exact_up_to_the_surface_limit():
 def test_illinois_event_root_finder(name, f, lower, upper, root, max_evals):
     import optimistix as optx
 
-    from flowsim._kinks import _ROOT_FINDER
+    from flowsim._exact.illinois import _ROOT_FINDER
 
     calls = {"n": 0}
 
@@ -602,7 +606,8 @@ def test_event_weights_keep_the_first_root_and_speed_its_location():
     # it; weighted, the min falls from 1 to 0 nearly linearly. Entries on quadratic paths.
     import optimistix as optx
 
-    from flowsim._kinks import _ROOT_FINDER, _event_weights
+    from flowsim._exact.events import _event_weights
+    from flowsim._exact.illinois import _ROOT_FINDER
 
     n = 40
     k0, k1, k2, k3 = jr.split(jr.key(7), 4)
@@ -655,7 +660,8 @@ def test_sliding_rows_equal_full_field(arch):
     # for entries in different layers and points, on an MLP and on a ConvNet (whose
     # pre-activations are (points, channels, height, width)); the algebra holds off the
     # surfaces too, so any entries will do.
-    from flowsim._kinks import _Problem, _sliding_arrays
+    from flowsim._exact.problem import _Problem
+    from flowsim._exact.sliding import _sliding_arrays, solve_slopes
     from flowsim.models import ConvNet
 
     k1, k2, k3 = jr.split(jr.key(4), 3)
@@ -675,8 +681,8 @@ def test_sliding_rows_equal_full_field(arch):
     mask = (z > 0).astype(z.dtype)
     first = zs[0].size
     sliding = [1, 7, first + 3, z.size - 2]  # two points of layer 1, two of layer 2
-    rows = problem.sliding(params, mask, _sliding_arrays(sliding, problem.shapes, True))
-    full = problem.sliding(params, mask, _sliding_arrays(sliding, problem.shapes, False))
+    rows = solve_slopes(problem, params, mask, _sliding_arrays(sliding, problem.shapes, True))
+    full = solve_slopes(problem, params, mask, _sliding_arrays(sliding, problem.shapes, False))
     assert float(jnp.max(jnp.abs(rows[1] - full[1]))) <= 1e-10, (rows[1], full[1])
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(full[2]))
     assert tree_max_abs_diff(rows[2], full[2]) <= 1e-12 * scale
@@ -716,12 +722,12 @@ def test_progress_bar_changes_nothing(kinks, capsys):
 def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeypatch):
     # Interrupted while an entry slides, the solve resumes from its checkpoint to the very
     # same solution and statistics as the uninterrupted one (slide2: 5 crossings, 2 slides).
-    from flowsim import _kinks
+    from flowsim._exact import host
 
     (model, loss), (full, full_stats, *_) = solutions["slide2"]
     path = tmp_path / "slide2.npz"
-    monkeypatch.setattr(_kinks, "CHECKPOINT_SECONDS", 0.0)  # save at every piece start
-    piece, calls = _kinks._piece, []
+    monkeypatch.setattr(host, "CHECKPOINT_SECONDS", 0.0)  # save at every piece start
+    piece, calls = host._piece, []
 
     def interrupted(*args, **kw):
         calls.append(None)
@@ -729,25 +735,25 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
             raise KeyboardInterrupt
         return piece(*args, **kw)
 
-    monkeypatch.setattr(_kinks, "_piece", interrupted)
+    monkeypatch.setattr(host, "_piece", interrupted)
     args = (model, loss, 0.0, T, np.linspace(0.0, T, 201), dfx.Tsit5(),
             dfx.PIDController(rtol=1e-12, atol=1e-12), 100_000, 1000)
     with pytest.raises(KeyboardInterrupt):
         kink_flow(*args, checkpoint=path)
-    saved = _kinks._Checkpoint(path, eqx.filter(model, eqx.is_inexact_array), loss, 0.0, T,
-                               args[4], args[5], args[6]).load()
+    saved = host._Checkpoint(path, eqx.filter(model, eqx.is_inexact_array), loss, 0.0, T,
+                             args[4], args[5], args[6]).load()
     assert saved["sliding"] and not saved["done"] and 0 < saved["t"] < T, saved["t"]
-    monkeypatch.setattr(_kinks, "_piece", piece)
+    monkeypatch.setattr(host, "_piece", piece)
     out, stats, result, _ = kink_flow(*args, checkpoint=path)
     assert result == 0 and stats == full_stats
     assert tree_max_abs_diff(out, full) == 0.0
     # The file's history: a row [t, events, sliding, seconds] per write, kept over the resume.
-    history = np.array(_kinks.checkpoint_info(path)["history"])
+    history = np.array(host.checkpoint_info(path)["history"])
     assert history.shape[1] == 4 and history.shape[0] > len(calls)
     assert history[-1, 0] == T and history[-1, 1] == full_stats["num_events"]
     assert np.all(np.diff(history[:, :2], axis=0) >= 0)
     # A finished solve is returned from its file without integrating again.
-    monkeypatch.setattr(_kinks, "_piece", None)
+    monkeypatch.setattr(host, "_piece", None)
     again = kink_flow(*args, checkpoint=path)
     assert again[2] == 0 and tree_max_abs_diff(again[0], full) == 0.0
     # Another problem's file is refused, naming the argument and the fix.
@@ -763,7 +769,7 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
 def test_sliding_bucket_sizes():
     # Sliding sets are padded to a few sizes (each compiles once): powers of two up to 64,
     # then multiples of an eighth of the next power of two, padding below a quarter.
-    from flowsim._kinks import _bucket
+    from flowsim._exact.sliding import _bucket
 
     sizes = np.array([_bucket(k) for k in range(1, 4097)])
     ks = np.arange(1, 4097)
@@ -777,7 +783,7 @@ def test_sliding_bucket_sizes():
 def test_checkpoint_guess_repadded_to_another_bucket():
     # A checkpoint's sliding guess written under one padding resumes under another: the valid
     # block of the pseudo-inverse of the masked Jacobian is padding-independent.
-    from flowsim._kinks import _repad
+    from flowsim._exact.sliding import _repad
 
     n = 3
     J = np.asarray(jr.normal(jr.key(1), (n, n)))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._kinks import _Checkpoint
+from .host import _Checkpoint, checkpoint_info as host_info
 from .state import MAX_EVENTS
 
 # A chunked solve writes its checkpoint after the first call that ends this long after the
@@ -106,12 +106,10 @@ def checkpoint_info(path, states: bool = False) -> dict:
     spent, summed over resumed runs), `done`, `capacity`, and `history`, one row [t, events,
     entries sliding, seconds] per write; with `states` also `filled` (which save times the
     solve has passed) and `saved`, the leaves of the parameters at the save times (leading
-    axes: batch, time). Files of the host-side loop (`flowsim._kinks.kink_flow`) are read by
-    `flowsim._kinks.checkpoint_info`."""
+    axes: batch, time). Files of the host-side loop (`host.kink_flow`) are read by
+    `host.checkpoint_info`."""
     meta, data = _meta(os.fspath(path))
     if "capacity" not in meta:
-        from .._kinks import checkpoint_info as host_info
-
         return host_info(path, states)
     info = {k: meta[k] for k in ("t", "stats", "sliding", "elapsed_s", "done", "capacity",
                                  "history")}

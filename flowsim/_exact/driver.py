@@ -4,10 +4,10 @@ One iteration of the loop handles the event that ended the last piece, if any (r
 then each entry that reached its surface: crossing, sliding or neither; then the slopes of
 the sliding set and their Jacobian for the next piece), then integrates the next smooth
 piece: a `diffrax.diffeqsolve` on the fixed activation pattern, ended by a `diffrax.Event`
-located by the Illinois root finder (`flowsim._kinks.Illinois`). The numerics are those of
-`flowsim._kinks` (see its docstring and docs/kinks.md): the same vector field, event
-functions, slopes and decisions, as array operations of static shape over the state
-(`ExactState`), so no Python runs per event and a batch of trajectories is one vmapped loop.
+located by the Illinois root finder (`illinois.Illinois`). The numerics are those of the
+host loop (`host.kink_flow`, docs/kinks.md): the same vector field, event functions, slopes
+(`sliding`) and decisions, as array operations of static shape over the state (`ExactState`),
+so no Python runs per event and a batch of trajectories is one vmapped loop.
 
 The loop stops when every trajectory is done, when one needs a larger sliding capacity
 (`ExactState.grow`: the caller re-pads the state and calls again, the event is handled anew
@@ -24,15 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._kinks import (
-    _CHORD_STEPS,  # noqa: F401  (the slopes' constants live with the slope solver)
-    _FIRST_STEP_GROWTH,
-    _RELEASE_TOL,
-    _ROOT_FINDER,
-    _ParamsNorm,
-    _split,
-    _WithFirst,
-)
+from .events import _FIRST_STEP_GROWTH, _ParamsNorm, _split, _WithFirst
+from .illinois import _ROOT_FINDER
+from .sliding import _RELEASE_TOL, slope_guess, solve_slopes
 from .state import (
     CROSSING,
     INDEX,
@@ -75,8 +69,9 @@ def _vector_field(t, y, args):
     ctx, mask, sl, n = args[:4]
     p, z1 = _split(y)
     if sl.idx.shape[0]:
-        field = ctx.problem.cond(n > 0, lambda: ctx.problem.sliding(p, mask, sl, z1=z1)[2],
-                         lambda: ctx.problem.field(p, mask, z1))
+        field = ctx.problem.cond(n > 0,
+                                 lambda: solve_slopes(ctx.problem, p, mask, sl, z1=z1)[2],
+                                 lambda: ctx.problem.field(p, mask, z1))
     else:  # capacity 0: nothing can slide
         field = ctx.problem.field(p, mask, z1)
     return field if z1 is None else _WithFirst(field, ctx.problem.first(field))
@@ -90,7 +85,7 @@ def _release_value(y, args):
         return jnp.asarray(jnp.inf, mask.dtype)
 
     def value():
-        lam = ctx.problem.sliding(p, mask, sl, z1=z1)[1]
+        lam = solve_slopes(ctx.problem, p, mask, sl, z1=z1)[1]
         return jnp.min(jnp.where(sl.valid, jnp.minimum(lam, 1 - lam), jnp.inf))
 
     return ctx.problem.cond(n > 0, value, lambda: jnp.asarray(jnp.inf, mask.dtype))
@@ -146,8 +141,9 @@ def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
     z = problem.pre(y_end, s.mask, z1_end)
     lam = jnp.zeros_like(s.lam)
     if s.capacity:
-        lam = problem.cond(s.n > 0, lambda: problem.sliding(y_end, s.mask, sl, z1=z1_end)[1],
-                       lambda: lam)
+        lam = problem.cond(s.n > 0,
+                           lambda: solve_slopes(problem, y_end, s.mask, sl, z1=z1_end)[1],
+                           lambda: lam)
     return (ys, sol.ts[1][-1], y_end, z, lam, sol.result._value,
             sol.stats["num_steps"].astype(INDEX), sol.stats["num_rejected_steps"].astype(INDEX))
 
@@ -239,10 +235,11 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
 
             def with_slopes():
                 def guessed():
-                    return problem.sliding(s.p, m, ctx.sliding(idx, n, dtype, s.lam, s.pinv))
+                    return solve_slopes(problem, s.p, m,
+                                        ctx.sliding(idx, n, dtype, s.lam, s.pinv))
 
                 def fresh():
-                    return problem.sliding(s.p, m, ctx.sliding(idx, n, dtype))
+                    return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
 
                 m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
                 return m_s, field
@@ -296,14 +293,14 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
             rec, _ = c
 
         def from_piece():
-            g = problem.slope_guess(s.p, mask, ctx.sliding(idx, n, dtype, s.lam_end, s.pinv))
+            g = slope_guess(problem, s.p, mask, ctx.sliding(idx, n, dtype, s.lam_end, s.pinv))
             return g.lam, g.pinv
 
         def fresh():
             hit_known = (idx[:, None] == known_idx[None, :]) & (pos[None, :] < known_n)
             warm = jnp.where(pos < n, jnp.sum(jnp.where(hit_known, known_lam[None, :], 0.0),
                                               axis=1), 0.0)
-            g = problem.slope_guess(s.p, mask, ctx.sliding(idx, n, dtype, warm))
+            g = slope_guess(problem, s.p, mask, ctx.sliding(idx, n, dtype, warm))
             return g.lam, g.pinv
 
         lam, pinv = problem.cond(reuse, from_piece, fresh, rare="false")

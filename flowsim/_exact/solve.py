@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from .._kinks import _FIRST_STEP, _carries_first, _per_point, _Problem
 from . import driver
 from .checkpoint import CHECKPOINT_SECONDS, Checkpoint
+from .events import _FIRST_STEP, _carries_first
+from .problem import _per_point, _Problem
 from .state import KIND_NAMES, Layout, initial_state, next_capacity, repad
 
 # The first chunk of events per compiled call when a progress bar or a checkpoint needs the
@@ -68,7 +69,7 @@ def batch_execution(execution: str) -> str:
     over the members in turn); `"auto"`: vmap on an accelerator, loop on the CPU.
 
     A vmapped loop runs every lane until its slowest member stops, and a branch that some
-    lane takes runs for all (`flowsim._kinks.cond`). Quickstart network, 8 members, T = 2,
+    lane takes runs for all (`problem.cond`). Quickstart network, 8 members, T = 2,
     tol 1e-8 (111-189 events each), on 2 CPU cores: 2.7 trajectories/s vmapped against
     6.1-7.9 as a loop (benchmarks/kinks_batch.py has the table)."""
     if execution == "auto":

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .._kinks import _Sliding
+from .sliding import _Sliding
 
 INDEX = jnp.int32
 
@@ -103,7 +103,7 @@ def initial_state(params, z, ts, t0, dt0, capacity: int, records: int) -> ExactS
 
 def repad(state: ExactState, capacity: int) -> ExactState:
     """`state` with its sliding arrays at another `capacity` (at least `n`): padding slopes 0,
-    the pseudo-inverse's padding block the identity (as `_Problem.sliding` pads it)."""
+    the pseudo-inverse's padding block the identity (as `solve_slopes` pads it)."""
     k = state.capacity
     if capacity == k:
         return state
@@ -191,7 +191,7 @@ def record(state_rec, t, kind, entries, which):
 
 
 def event_weights(sign, offset, z):
-    """In-graph `flowsim._kinks._event_weights`: positive weights that make each entry's event
+    """In-graph `events._event_weights`: positive weights that make each entry's event
     value 1 at the piece's start (1 for sliding entries)."""
     value = sign * z + offset
     tiny = jnp.finfo(z.dtype).tiny
