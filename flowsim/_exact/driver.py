@@ -189,35 +189,68 @@ def _after_piece(s: ExactState, piece, ts, t1, max_events) -> ExactState:
             s.done | finished, result))
 
 
+def _leave(z, delta, marks, j, side):
+    """Entries j leave their surface on `side` (1: active, 0: inactive), offset `delta` off it;
+    vectorised, an index past the end is dropped. `marks`: (mask, sign, offset)."""
+    mask, sign, offset = marks
+    S = mask.shape[0]
+    new_sign = jnp.where(side > 0, 1.0, -1.0).astype(z.dtype)
+    zj = z[jnp.clip(j, 0, S - 1)]
+    return (mask.at[j].set(side, mode="drop"), sign.at[j].set(new_sign, mode="drop"),
+            offset.at[j].set(jnp.maximum(0.0, -new_sign * zj) + delta, mode="drop"))
+
+
 def _handle_event(ctx, s: ExactState) -> ExactState:
     """The event that ended the last piece: releases, hits, the next piece's slopes. If the
     sliding set would outgrow the capacity, `s` comes back unchanged but for `grow`."""
-    problem, dtype, k = ctx.problem, s.z.dtype, s.capacity
-    S = s.mask.shape[0]
-    z = s.z
-    zscale = jnp.maximum(jnp.max(jnp.abs(z)), jnp.finfo(dtype).tiny)
+    dtype, k = s.z.dtype, s.capacity
+    zscale = jnp.maximum(jnp.max(jnp.abs(s.z)), jnp.finfo(dtype).tiny)
     delta = _OFFSET * zscale
     pos = jnp.arange(k, dtype=INDEX)
     rec = (s.ev_t, s.ev_kind, s.ev_entry, s.n_records)
     stats = dict(s.stats)
+    marks, idx, n, stats, rec = _releases(s, delta, pos, stats, rec)
+    marks, idx, n, stats, rec, grow = _hits(ctx, s, zscale, delta, pos, marks, idx, n, stats,
+                                            rec)
+    stats["num_sliding_max"] = jnp.maximum(stats["num_sliding_max"], n)
+    # Whether the sliding set is still the last piece's (its guess then serves).
+    same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
+    if not k:
+        handled = eqx.tree_at(
+            lambda q: (q.mask, q.sign, q.offset, q.stats, q.ev_t, q.ev_kind, q.ev_entry,
+                       q.n_records, q.pending),
+            s, (*marks, stats, *rec, jnp.asarray(False)))
+    else:
+        marks, idx, n, lam, pinv, stats, rec = _settle_slopes(ctx, s, delta, pos, same, marks,
+                                                              idx, n, stats, rec)
+        handled = eqx.tree_at(
+            lambda q: (q.mask, q.sign, q.offset, q.idx, q.n, q.lam, q.pinv, q.stats, q.ev_t,
+                       q.ev_kind, q.ev_entry, q.n_records, q.pending),
+            s, (*marks, idx, n, lam, pinv, stats, *rec, jnp.asarray(False)))
+    return jax.tree.map(lambda a, b: jnp.where(grow, a, b),
+                        eqx.tree_at(lambda q: q.grow, s, jnp.asarray(True)), handled)
 
-    def leave(mask, sign, offset, j, side):
-        """Entry j leaves its surface on `side` (1: active, 0: inactive); vectorised."""
-        new_sign = jnp.where(side > 0, 1.0, -1.0).astype(dtype)
-        zj = z[jnp.clip(j, 0, S - 1)]
-        return (mask.at[j].set(side, mode="drop"), sign.at[j].set(new_sign, mode="drop"),
-                offset.at[j].set(jnp.maximum(0.0, -new_sign * zj) + delta, mode="drop"))
 
-    # Releases: a sliding entry whose slope reached 0 or 1 leaves the surface.
+def _releases(s: ExactState, delta, pos, stats, rec):
+    """A sliding entry whose slope reached 0 or 1 at the end of the last piece leaves the
+    surface: `((mask, sign, offset), idx, n, stats, rec)` with the sliding set compacted."""
+    S = s.mask.shape[0]
     valid = pos < s.n
     rel = valid & ((s.lam_end <= _RELEASE_TOL) | (s.lam_end >= 1 - _RELEASE_TOL))
-    side = jnp.where(s.lam_end >= 0.5, 1.0, 0.0).astype(dtype)
-    mask, sign, offset = leave(s.mask, s.sign, s.offset, jnp.where(rel, s.idx, S), side)
+    side = jnp.where(s.lam_end >= 0.5, 1.0, 0.0).astype(s.z.dtype)
+    marks = _leave(s.z, delta, (s.mask, s.sign, s.offset), jnp.where(rel, s.idx, S), side)
     rec = record(rec, s.t, RELEASE, s.idx, rel)
     stats["num_releases"] = stats["num_releases"] + jnp.sum(rel).astype(INDEX)
     idx, n = compact(s.idx, valid & ~rel)
+    return marks, idx, n, stats, rec
 
-    # Hits, in the order of their index: cross, slide, or (moving away) just get an offset.
+
+def _hits(ctx, s: ExactState, zscale, delta, pos, marks, idx, n, stats, rec):
+    """The entries at their surface, in the order of their index: each crosses, starts sliding
+    or (moving away) just gets an offset. Returns `(marks, idx, n, stats, rec, grow)`: `grow`
+    if the sliding set would outgrow the capacity (the loop stops at the first such entry)."""
+    k, z = s.capacity, s.z
+    mask, sign, offset = marks
     values = jnp.where(sign == 0, jnp.inf, sign * z + offset)
     hits = values <= _HIT_TOL * zscale
 
@@ -225,33 +258,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
         mask, sign, offset, idx, n, remaining, stats, rec, grow = c
         j = jnp.argmax(remaining).astype(INDEX)
         remaining = remaining.at[j].set(False)
-        # While the sliding set is the last piece's, the slopes start from its guess (chord
-        # iterations, one residual each); else by Newton from 0.
-        same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
-        _, point, _, col = ctx.layout.locate(j)
-
-        def zdot(side):
-            m = mask.at[j].set(side)
-
-            def with_slopes():
-                def guessed():
-                    return solve_slopes(problem, s.p, m,
-                                        ctx.sliding(idx, n, dtype, s.lam, s.pinv))
-
-                def fresh():
-                    return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
-
-                m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
-                return m_s, field
-
-            if k:
-                m_f, field = problem.cond(n > 0, with_slopes, lambda: (m, problem.field(s.p, m)))
-            else:
-                m_f, field = m, problem.field(s.p, m)
-            return jax.jvp(lambda q: problem.rows(q, m_f, point[None]), (s.p,), (field,))[1][
-                0, col]
-
-        zd_plus, zd_minus = jax.vmap(zdot)(jnp.array([1.0, 0.0], dtype))
+        zd_plus, zd_minus = _one_sided_rates(ctx, s, pos, mask, idx, n, j)
         was_active = sign[j] > 0
         tiny = 1e-12 * (jnp.abs(zd_plus) + jnp.abs(zd_minus))
         approaching = jnp.where(was_active, zd_plus, zd_minus) * sign[j] < -tiny
@@ -280,13 +287,46 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
 
     mask, sign, offset, idx, n, _, stats, rec, grow = lax.while_loop(
         more_hits, hit, (mask, sign, offset, idx, n, hits, stats, rec, jnp.asarray(False)))
-    stats["num_sliding_max"] = jnp.maximum(stats["num_sliding_max"], n)
+    return (mask, sign, offset), idx, n, stats, rec, grow
 
-    # The next piece's slopes and the pseudo-inverse of their Jacobian (`slope_guess`): by
-    # chord iterations from the last piece's guess while the sliding set is that piece's,
-    # else by Newton from the slopes known (0 for entries that just joined). An entry whose
-    # slope is already at 0 or 1 is released, and the slopes solved again.
+
+def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
+    """z_j' with entry j active and with it inactive, the sliding entries `idx[:n]` at their
+    slopes: while the sliding set is the last piece's, from its guess (chord iterations, one
+    residual each); else by Newton from 0."""
+    problem, dtype, k = ctx.problem, s.z.dtype, s.capacity
     same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
+    _, point, _, col = ctx.layout.locate(j)
+
+    def zdot(side):
+        m = mask.at[j].set(side)
+
+        def with_slopes():
+            def guessed():
+                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype, s.lam, s.pinv))
+
+            def fresh():
+                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
+
+            m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
+            return m_s, field
+
+        if k:
+            m_f, field = problem.cond(n > 0, with_slopes, lambda: (m, problem.field(s.p, m)))
+        else:
+            m_f, field = m, problem.field(s.p, m)
+        return jax.jvp(lambda q: problem.rows(q, m_f, point[None]), (s.p,), (field,))[1][0, col]
+
+    return jax.vmap(zdot)(jnp.array([1.0, 0.0], dtype))
+
+
+def _settle_slopes(ctx, s: ExactState, delta, pos, same, marks, idx, n, stats, rec):
+    """The next piece's slopes and the pseudo-inverse of their Jacobian (`slope_guess`): by
+    chord iterations from the last piece's guess while the sliding set is that piece's, else
+    by Newton from the slopes known (0 for entries that just joined). An entry whose slope is
+    already at 0 or 1 is released, and the slopes solved again. `same`: the sliding set is
+    the last piece's. Returns `(marks, idx, n, lam, pinv, stats, rec)`."""
+    problem, dtype, k, S = ctx.problem, s.z.dtype, s.capacity, s.mask.shape[0]
 
     def guess(c):
         mask, sign, offset, idx, n, lam, pinv, reuse, known_idx, known_lam, known_n, stats, \
@@ -310,7 +350,7 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
         any_out = jnp.any(out)
         j = jnp.where(any_out, idx[first], S)
         side = jnp.where(lam[first] >= 0.5, 1.0, 0.0).astype(dtype)
-        mask, sign, offset = leave(mask, sign, offset, j, side)
+        mask, sign, offset = _leave(s.z, delta, (mask, sign, offset), j, side)
         rec = record(rec, s.t, RELEASE, j[None], any_out[None])
         stats = dict(stats)
         stats["num_releases"] = stats["num_releases"] + any_out.astype(INDEX)
@@ -321,26 +361,14 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
     def unsettled(c):
         return (c[4] > 0) & ~c[-1]
 
-    if not k:
-        handled = eqx.tree_at(
-            lambda q: (q.mask, q.sign, q.offset, q.stats, q.ev_t, q.ev_kind, q.ev_entry,
-                       q.n_records, q.pending),
-            s, (mask, sign, offset, stats, *rec, jnp.asarray(False)))
-        return jax.tree.map(lambda a, b: jnp.where(grow, a, b),
-                            eqx.tree_at(lambda q: q.grow, s, jnp.asarray(True)), handled)
     eye = jnp.eye(k, dtype=dtype)
-    init = (mask, sign, offset, idx, n, s.lam, s.pinv, same, s.idx, s.lam_end, s.n, stats, rec,
+    init = (*marks, idx, n, s.lam, s.pinv, same, s.idx, s.lam_end, s.n, stats, rec,
             jnp.asarray(False))
     mask, sign, offset, idx, n, lam, pinv, *_, stats, rec, _ = lax.while_loop(
         unsettled, guess, init)
     lam = jnp.where(n > 0, lam, 0.0)
     pinv = jnp.where(n > 0, pinv, eye)
-    handled = eqx.tree_at(
-        lambda q: (q.mask, q.sign, q.offset, q.idx, q.n, q.lam, q.pinv, q.stats, q.ev_t,
-                   q.ev_kind, q.ev_entry, q.n_records, q.pending),
-        s, (mask, sign, offset, idx, n, lam, pinv, stats, *rec, jnp.asarray(False)))
-    return jax.tree.map(lambda a, b: jnp.where(grow, a, b),
-                        eqx.tree_at(lambda q: q.grow, s, jnp.asarray(True)), handled)
+    return (mask, sign, offset), idx, n, lam, pinv, stats, rec
 
 
 def loop(ctx, s: ExactState, ts, t1, max_events, stop_at, solver, controller, max_steps):
