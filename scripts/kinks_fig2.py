@@ -15,7 +15,7 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    time covered, hence the projected cost of the exact solve over the flips counted in 2;
    its layer-gap drift up to `--exact-t` (saved at 11 times there), next to the smooth
    solve's over the same interval, and the smooth solve's distance from it there against the
-   smooth solve's own error estimate (`error_estimate=True`). With `--checkpoint FILE` the
+   smooth solve's own error estimate (`flowsim.estimate_error`). With `--checkpoint FILE` the
    exact solve keeps its state in FILE and resumes from it, so the full horizon can be run
    in pieces: `--exact-t 20 --exact-events 1000000 --checkpoint runs/fig2_exact.npz`, stopped
    by SIGINT or SIGTERM (`timeout 3h ...`) and restarted at will; the wall time is summed over
@@ -24,7 +24,7 @@ This script measures, with Tsit5 at rtol = atol (default 1e-8):
    at T for `--late-events` events, which shows how many entries slide at once there and
    what an event costs then;
 5. the documented mode for this size, the smooth solve with its a-posteriori error estimate
-   (`kinks="smooth", error_estimate=True`: a second solve at rtol / 10) to t1: wall time,
+   (`flowsim.estimate_error(..., kinks="smooth")`: a second solve at rtol / 10) to t1: wall time,
    estimate and drift, next to the plain smooth solve of step 1;
 6. (`tolerances`, not in the default steps: ~80 min) smooth solves at rtol, rtol / 10 and
    rtol / 100, and their pairwise distances at the 11 saved times: how the error shrinks with
@@ -128,11 +128,15 @@ def flat(traj):
     return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
-def solve(net, loss, t1, rtol, kinks, ts=None, keep=None, **kw):
+def solve(net, loss, t1, rtol, kinks, ts=None, keep=None, max_events=10_000, checkpoint=None,
+          error_estimate=False, **kw):
     ts = jnp.linspace(0, t1, 11) if ts is None else ts
+    if kinks == "exact":
+        kinks = flowsim.ExactKinks(max_events=max_events, checkpoint=checkpoint)
+    run = flowsim.estimate_error if error_estimate else flowsim.gradient_flow
     start = time.perf_counter()
-    traj = flowsim.gradient_flow(net, loss, t1, ts=ts, solver="tsit5",
-                                 rtol=rtol, atol=rtol, kinks=kinks, throw=False, **kw)
+    traj = run(net, loss, t1, ts=ts, solver="tsit5", rtol=rtol, atol=rtol, kinks=kinks,
+               throw=False, **kw)
     wall = time.perf_counter() - start
     if keep is not None:
         keep.append(traj)
@@ -143,7 +147,7 @@ def solve(net, loss, t1, rtol, kinks, ts=None, keep=None, **kw):
     row = {
         **{k: float(v) for k, v in traj.stats.items()},
         "wall_s": wall,
-        "result": int(traj.result),
+        "result": int(np.asarray(traj.result._value)),
         "drift_measured_up_to_t": float(traj.ts[upto]),
         "layer_gap_t0": [float(g) for g in gaps[0]],
         "layer_gap_drift": [float(d) for d in np.max(np.abs(gaps - gaps[0]), axis=0)],
@@ -297,8 +301,8 @@ def late(net, loss, t_start, t1, rtol, events):
     start = time.perf_counter()
     traj = flowsim.gradient_flow(smooth.model_at(1), loss, t1, t0=t_start,
                                  ts=jnp.array([t_start, t1]), solver="tsit5", rtol=rtol,
-                                 atol=rtol, kinks="exact", throw=False, max_events=events,
-                                 max_steps=50_000, progress=True)
+                                 atol=rtol, kinks=flowsim.ExactKinks(max_events=events),
+                                 throw=False, max_steps=50_000, progress=True)
     wall = time.perf_counter() - start
     row = {k: float(v) for k, v in traj.stats.items() if k != "layer_gap_drift"}
     return {**row, "t_start": t_start, "smooth_to_t_start_wall_s": smooth_s, "wall_s": wall,
@@ -326,10 +330,11 @@ def carried_first_layer(net, loss, path, t1, exact_t, rtol, events, warmup=30):
                     before = checkpoint_info(copy)
                     start = time.perf_counter()
                     flowsim.gradient_flow(net, loss, t1, ts=jnp.linspace(0, exact_t, 11),
-                                          solver="tsit5", rtol=rtol, atol=rtol, kinks="exact",
+                                          solver="tsit5", rtol=rtol, atol=rtol,
                                           throw=False, max_steps=50_000,
-                                          max_events=before["stats"]["num_events"] + n,
-                                          checkpoint=copy)
+                                          kinks=flowsim.ExactKinks(
+                                              max_events=before["stats"]["num_events"] + n,
+                                              checkpoint=copy))
                     wall = time.perf_counter() - start
                     after = checkpoint_info(copy)
                     done = after["stats"]["num_events"] - before["stats"]["num_events"]

@@ -125,13 +125,14 @@ def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "run", killed)
     path = tmp_path / "run.npz"
     with pytest.raises(KeyboardInterrupt):
-        flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
+        flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(checkpoint=path), **TOL)
     info = checkpoint.checkpoint_info(path)
     assert not info["done"] and 0 < info["t"] < T and info["stats"]["num_events"] >= 1
     saved = checkpoint.checkpoint_info(path, states=True)
     assert saved["filled"].shape == (2,) and saved["saved"][0].shape[0] == 2
     monkeypatch.setattr(driver, "run", run)
-    resumed = flowsim.gradient_flow(net, loss, T, checkpoint=path, **TOL)
+    resumed = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(checkpoint=path),
+                                    **TOL)
     for a, b in zip(jax.tree.leaves(eqx.filter(whole.models, eqx.is_inexact_array)),
                     jax.tree.leaves(eqx.filter(resumed.models, eqx.is_inexact_array))):
         assert np.array_equal(np.asarray(a), np.asarray(b))

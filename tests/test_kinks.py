@@ -281,13 +281,12 @@ def test_leaky_relu_and_batched_exact(tmp_path):
     nets = flowsim.init.batch(lambda k: MLP((2, 3, 1), "leaky_relu", key=k), 2, key=k3)
     loss = flowsim.losses.square(X, Y)
     kw = dict(solver="tsit5", rtol=1e-12, atol=1e-12)
-    batch = flowsim.gradient_flow(nets, loss, 5.0, batched=True, checkpoint=tmp_path / "b.npz",
-                                  **kw)
+    kinks = flowsim.ExactKinks(checkpoint=tmp_path / "b.npz")
+    batch = flowsim.gradient_flow(nets, loss, 5.0, batched=True, kinks=kinks, **kw)
     assert np.all(np.asarray(batch.succeeded))
     # One checkpoint per member; a rerun returns the finished members from their files.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b-0.npz", "b-1.npz"]
-    again = flowsim.gradient_flow(nets, loss, 5.0, batched=True, checkpoint=tmp_path / "b.npz",
-                                  **kw)
+    again = flowsim.gradient_flow(nets, loss, 5.0, batched=True, kinks=kinks, **kw)
     assert tree_max_abs_diff(again.models, batch.models) == 0.0
     assert int(np.sum(np.asarray(batch.stats["num_events"]))) >= 1
     for i in range(2):
@@ -530,7 +529,7 @@ def test_sliding_jacobian_from_rows_equals_forward_mode(arch):
 def test_auto_is_exact_up_to_the_surface_limit():
     # kinks="auto": exact up to EXACT_KINKS_MAX_SURFACES (points x hidden units), smooth above;
     # Trajectory.kinks records the choice, an explicit "exact" is honoured at any size.
-    from flowsim._flow import EXACT_KINKS_MAX_SURFACES
+    from flowsim.kinks import EXACT_KINKS_MAX_SURFACES
 
     units = 100
     net = MLP((2, units, 1), "relu", key=jr.key(0))
@@ -695,13 +694,15 @@ def test_event_budget_failure_names_max_events():
     net = MLP((2, 3, 1), "relu", init_std=0.5, key=jr.key(3))
     loss = flowsim.losses.square(X, Y)
     with pytest.raises(flowsim.FlowFailed, match="more kink events than max_events") as err:
-        flowsim.gradient_flow(net, loss, 10.0, kinks="exact", max_events=0)
+        flowsim.gradient_flow(net, loss, 10.0, kinks=flowsim.ExactKinks(max_events=0))
     assert "max_steps" not in str(err.value)
-    with pytest.warns(flowsim.FlowWarning, match="raise max_events") as warned:
-        traj = flowsim.gradient_flow(net, loss, 10.0, kinks="exact", max_events=0, throw=False)
+    with pytest.warns(flowsim.FlowWarning, match=r"raise ExactKinks\(max_events=") as warned:
+        traj = flowsim.gradient_flow(net, loss, 10.0, kinks=flowsim.ExactKinks(max_events=0),
+                                     throw=False)
     # The warning does not advise passing the throw=False that was passed.
     assert "pass throw=False" not in str(warned[0].message)
-    assert int(traj.result) == -1 and float(traj.stats["t_reached"]) < 10.0
+    assert traj.result == flowsim.RESULTS.max_events_reached
+    assert float(traj.stats["t_reached"]) < 10.0
 
 
 @pytest.mark.parametrize("kinks", ["exact", "smooth"])
@@ -762,8 +763,6 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
         kink_flow(*other, checkpoint=path)
     with pytest.raises(ValueError, match=r"^checkpoint: the folder of .* does not exist"):
         kink_flow(*args, checkpoint=tmp_path / "missing" / "run.npz")
-    with pytest.raises(ValueError, match="`checkpoint` is for the exact-kink path"):
-        flowsim.gradient_flow(model, loss, 1.0, kinks="smooth", checkpoint=path)
 
 
 def test_sliding_bucket_sizes():
@@ -813,7 +812,7 @@ def test_compiled_loop_equals_host_loop(name, solutions):
     (model, loss), (out, stats, _, pieces, ts) = solutions[name]
     traj = flowsim.gradient_flow(model, loss, T, ts=ts, solver="tsit5", rtol=1e-12, atol=1e-12,
                                  kinks=flowsim.ExactKinks(max_events=1000))
-    assert int(traj.result) == 0
+    assert traj.result == flowsim.RESULTS.successful
     for key in ("num_steps", "num_events", "num_crossings", "num_sliding_intervals",
                 "num_releases", "num_sliding_now"):
         assert int(traj.stats[key]) == stats[key], (key, traj.stats[key], stats[key])
