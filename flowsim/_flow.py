@@ -117,8 +117,7 @@ def gradient_flow(
 
     - `model`: an Equinox model (batched: arrays with a leading batch axis, `flowsim.init.batch`).
     - `loss`: a callable `model -> scalar`, e.g. from `flowsim.losses`.
-    - `t1`: final time; `t0` the initial one. `ts`: save times in [t0, t1], non-decreasing;
-      default `(t0, t1)`.
+    - `t1`, `t0`: final and initial time. `ts`: save times in [t0, t1], default `(t0, t1)`.
     - `solver`: a diffrax solver, or a name in `flowsim._solvers.SOLVERS`: `"tsit5"`, `"dopri5"`,
       `"dopri8"`, `"bosh3"`, `"kvaerno3/4/5"` (dense Jacobian up to `DENSE_JACOBIAN_MAX`
       parameters, Newton-GMRES above), `"rodas5p"` (`flowsim.Rodas5P`), `"ros34pw2"`,
@@ -129,11 +128,11 @@ def gradient_flow(
     - `rtol`, `atol`: tolerances of the default controller (1e-10 each; not with a controller
       of your own). Below 100 x the model's machine epsilon a `flowsim.PrecisionWarning` says
       what accuracy to expect.
-    - `max_steps`: the most steps (per exact-kink piece on that path).
-    - `dt0`: initial step of a smooth solve; default chosen by diffrax.
-    - `batched`: integrate a batch of initialisations in one compiled call (vmap).
-    - `throw`: raise `flowsim.FlowFailed` if a trajectory fails; with `False` a
-      `flowsim.FlowWarning` and `Trajectory.result` mark it and the others are kept.
+    - `max_steps`: the most steps (per piece on the exact path); `dt0`: a smooth solve's first
+      step.
+    - `batched`: a batch of initialisations in one compiled call (vmap). `throw`: raise
+      `flowsim.FlowFailed` if a trajectory fails; else a `flowsim.FlowWarning` and
+      `Trajectory.result` mark it, the others are kept.
     - `kinks`: how ReLU kinks are integrated: `flowsim.ExactKinks(...)` (`"exact"`: events and
       Filippov sliding, docs/kinks.md), `flowsim.SmoothKinks()` (`"smooth"`), or
       `flowsim.AutoKinks()` (`"auto"`): exact where supported, with at most
@@ -145,11 +144,10 @@ def gradient_flow(
     **Returns:** a `flowsim.Trajectory`: `ts`, `models`, `loss`, `result` (a `flowsim.RESULTS`
     item per trajectory) and `stats`: steps, `t_reached`, `num_grad_evals` for explicit solvers,
     events on the exact path, and for homogeneous networks `layer_gap_drift` (the largest change
-    of a layer gap over the saved times relative to the largest squared norm: the flow conserves
-    the gaps; for the error itself see `flowsim.estimate_error`).
+    of a layer gap over the saved times relative to the largest squared norm: a check, not an
+    error estimate, for which see `flowsim.estimate_error`).
 
-    **Raises:** `ValueError` for bad arguments (among them NaN or inf in the times, the initial
-    model or the loss's data); `flowsim.FlowFailed` with `throw=True`.
+    **Raises:** `ValueError` for bad arguments (NaN or inf data among them); `FlowFailed`.
 
     **Example:**
 
@@ -161,31 +159,17 @@ def gradient_flow(
     assert float(traj.loss[-1]) < 1e-12
     ```
     """
-    t0, t1, ts_arr = _check_times(t0, t1, ts)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    batch = check_model(params, batched)
-    check_finite_inputs(params, loss, batched)
-    single = split_batch(params, static, batched)
-    check_loss(loss, single)
-    dtype = np.dtype(jax.tree.leaves(params)[0].dtype)
-    n_params = _n_params(params, batched)
+    t0, t1, ts_arr = _check_times(t0, t1, ts, max_steps)
+    params, static, batch, single = _split(model, loss, batched)
+    dtype, n_params = np.dtype(jax.tree.leaves(params)[0].dtype), _n_params(params, batched)
     rtol, atol = _tolerances(stepsize_controller, rtol, atol, params)
-    name = solver
-    if isinstance(solver, str):
-        if solver == "auto":
-            name, _ = auto_solver(model, loss, t0, t1, n_params, batched)
-        solver = make_solver(name, n_params, np.asarray(atol, dtype))
-    elif not isinstance(solver, dfx.AbstractSolver):
-        raise TypeError(f"`solver` must be a diffrax solver or a name in {SOLVERS}, got {solver!r}")
+    solver = _solver(solver, model, loss, t0, t1, n_params, batched, np.asarray(atol, dtype))
     ts_j, t0_j, t1_j = (np.asarray(x, dtype) for x in (ts_arr, t0, t1))
     controller = stepsize_controller or default_controller(
         solver, np.asarray(rtol, dtype), np.asarray(atol, dtype), ts_j)
     strategy = _strategy(kinks, single, loss, count_evals, dt0)
-    gap_drift = bool(getattr(single, "is_homogeneous", False)
-                     and getattr(single, "activations", ()))
-    probe, events = None, None
+    gap_drift = _conserves_gaps(single)
+    probe = events = None
     if strategy is not None:
         saved, losses, result, stats, events = _kink_solve(
             params, static, loss, solver, controller, t0, t1, ts_arr, max_steps,
@@ -210,8 +194,37 @@ def gradient_flow(
     return traj
 
 
-def _check_times(t0, t1, ts):
-    """`(t0, t1, ts)` as floats and a float64 array, or a ValueError naming the bad one."""
+def _split(model, loss, batched):
+    """`(params, static, batch size or None, one member)`, after checking the model and loss."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch = check_model(params, batched)
+    check_finite_inputs(params, loss, batched)
+    single = split_batch(params, static, batched)
+    check_loss(loss, single)
+    return params, static, batch, single
+
+
+def _conserves_gaps(model) -> bool:
+    """Whether the flow conserves the model's layer gaps (a homogeneous network)."""
+    return bool(getattr(model, "is_homogeneous", False) and getattr(model, "activations", ()))
+
+
+def _solver(solver, model, loss, t0, t1, n_params, batched, atol):
+    """The diffrax solver for `solver` (an instance, or a name; "auto" by the sharpness rule)."""
+    if isinstance(solver, str):
+        name = auto_solver(model, loss, t0, t1, n_params, batched)[0] if solver == "auto" \
+            else solver
+        return make_solver(name, n_params, atol)
+    if not isinstance(solver, dfx.AbstractSolver):
+        raise TypeError(f"`solver` must be a diffrax solver or a name in {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def _check_times(t0, t1, ts, max_steps):
+    """`(t0, t1, ts)` as floats and a float64 array, or a ValueError naming the bad one (of
+    them and `max_steps`)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}")
     t0, t1 = float(t0), float(t1)
     if not math.isfinite(t0):
         raise ValueError(f"`t0` must be finite, got {t0}; pass a finite start time (default 0.0)")
@@ -316,7 +329,9 @@ def _layer_gap_drift(models, batched: bool):
 
 
 def _has_kinks(model) -> bool:
-    return any(a in ("relu", "leaky_relu") for a in getattr(model, "activations", ()))
+    from .models import AbstractModel
+
+    return isinstance(model, AbstractModel) and model.has_kinks
 
 
 def _kink_solve(params, static, loss, solver, controller, t0, t1, ts, max_steps, batch,
