@@ -2,10 +2,13 @@
 
 Each builder returns an `eqx.Module` holding its data as arrays, so that a jit-compiled solver
 sees new data of the same shape without recompiling. Any other callable `model -> scalar` works
-wherever flowsim takes a loss.
+wherever flowsim takes a loss; a loss that fits a model to data points is an `AbstractDataLoss`
+(`square`, `logistic`), which the exact-kink path needs.
 """
 
+import abc
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -15,20 +18,58 @@ from jaxtyping import Array, Float
 from ._precision import as_float_array
 from ._problem import check_finite_data
 
-__all__ = ["balancing", "factorization", "logistic", "square"]
+__all__ = [
+    "AbstractDataLoss",
+    "Logistic",
+    "Square",
+    "balancing",
+    "factorization",
+    "logistic",
+    "square",
+]
 
 
-def _output(model, X):
-    out = model(X)
-    return out
+class AbstractDataLoss(eqx.Module):
+    """A loss that fits a model to data: inputs `X` (leading axis: points) and their `targets`.
+
+    Subclasses hold `X` and the targets as array fields, implement `__call__(model)` (the model
+    applied to `X` and compared with the targets) and set `per_point`:
+
+    - `per_point = True`: the loss is the mean over the points i of a term that depends only on
+      row i of `X` and of every other array of the loss with one row per point (the targets).
+      The loss of a single point is then the loss with those arrays cut to its row, which the
+      exact-kink path uses for the sliding entries of one point.
+
+    `flowsim.gradient_flow` integrates the kinks of a ReLU network exactly (`kinks="exact"`)
+    for losses of this class.
+    """
+
+    X: eqx.AbstractVar[Float[Array, "n ..."]]
+    per_point: eqx.AbstractClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def targets(self) -> Float[Array, "n ..."]:
+        """What the model's outputs on `X` are fitted to, one row per point."""
+
+    @abc.abstractmethod
+    def __call__(self, model) -> Float[Array, ""]:
+        """The loss of `model` on the data."""
 
 
-class _Square(eqx.Module):
+class Square(AbstractDataLoss):
+    """L = 1/(2n) sum_i ||f(x_i) - y_i||^2 (build it with `square`, which checks the data)."""
+
     X: Float[Array, "n ..."]
     Y: Float[Array, "n ..."]
+    per_point: ClassVar[bool] = True
+
+    @property
+    def targets(self):
+        return self.Y
 
     def __call__(self, model):
-        pred = _output(model, self.X)
+        pred = model(self.X)
         Y = self.Y
         if pred.shape != Y.shape:
             if pred.ndim == 2 and pred.shape[1] == 1 and Y.shape == pred.shape[:1]:
@@ -42,12 +83,20 @@ class _Square(eqx.Module):
         return 0.5 * jnp.sum((pred - Y) ** 2) / n
 
 
-class _Logistic(eqx.Module):
+class Logistic(AbstractDataLoss):
+    """L = 1/n sum_i log(1 + exp(-y_i f(x_i))) (build it with `logistic`, which checks the
+    labels)."""
+
     X: Float[Array, "n ..."]
     y: Float[Array, " n"]
+    per_point: ClassVar[bool] = True
+
+    @property
+    def targets(self):
+        return self.y
 
     def __call__(self, model):
-        pred = _output(model, self.X)
+        pred = model(self.X)
         if pred.ndim == 2 and pred.shape[1] == 1:
             pred = pred[:, 0]
         if pred.shape != self.y.shape:
@@ -93,7 +142,7 @@ def _check_samples(X, Y, what: str):
         )
 
 
-def square(X, Y) -> eqx.Module:
+def square(X, Y) -> Square:
     """Square loss L = 1/(2n) sum_i ||f(x_i) - y_i||^2.
 
     **Arguments:**
@@ -101,7 +150,7 @@ def square(X, Y) -> eqx.Module:
     - `X`: inputs, shape `(n, features...)`.
     - `Y`: targets, shape `(n, outputs)` or `(n,)` for scalar-output models.
 
-    **Returns:** a callable `loss(model) -> scalar`.
+    **Returns:** a `Square` loss, a callable `loss(model) -> scalar`.
 
     **Raises:** `ValueError` if `X` or `Y` holds NaN or inf, if the sample counts differ (here)
     or if the model's output shape does not match `Y` (when the loss is first evaluated).
@@ -111,11 +160,13 @@ def square(X, Y) -> eqx.Module:
     check_finite_data(X, "X")
     check_finite_data(Y, "Y")
     _check_samples(X, Y, "Y")
-    return _Square(X, Y)
+    return Square(X, Y)
 
 
-def logistic(X, y) -> eqx.Module:
+def logistic(X, y) -> Logistic:
     """Logistic loss L = 1/n sum_i log(1 + exp(-y_i f(x_i))), labels y_i in {-1, +1}.
+
+    **Returns:** a `Logistic` loss, a callable `loss(model) -> scalar`.
 
     **Raises:** `ValueError` if `X` or `y` holds NaN or inf, labels are not +-1 or the sample
     counts differ.
@@ -131,7 +182,7 @@ def logistic(X, y) -> eqx.Module:
     if not set(labels.tolist()) <= {-1.0, 1.0}:
         hint = " (for 0/1 labels pass 2*y - 1)" if set(labels.tolist()) <= {0.0, 1.0} else ""
         raise ValueError(f"`y` must hold labels -1 and +1, got values {labels[:5]}{hint}")
-    return _Logistic(X, y)
+    return Logistic(X, y)
 
 
 def factorization(M) -> eqx.Module:

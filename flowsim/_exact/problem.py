@@ -218,9 +218,10 @@ class _Problem(eqx.Module):
 
 
 def _per_point(loss) -> bool:
-    from ..losses import _Logistic, _Square
+    """The loss is the mean of per-point terms (`AbstractDataLoss.per_point`)."""
+    from ..losses import AbstractDataLoss
 
-    return isinstance(loss, _Square | _Logistic)
+    return isinstance(loss, AbstractDataLoss) and loss.per_point
 
 
 def _locate(idx, shapes):

@@ -53,7 +53,8 @@ class AbstractProblem(eqx.Module):
 
     and optionally:
 
-    - `inputs`: the training inputs, for the distance between GD and flow predictions;
+    - `inputs`: the training inputs, for the distance between GD and flow predictions (by
+      default those of a data-fitting loss, `flowsim.losses.AbstractDataLoss`);
     - `metrics(models)`: quantities along one trajectory (`models` stacked on a leading time
       axis), each an array of shape `(time,)`;
     - `panels`: how `flowsim report` draws those metrics (a tuple of `Panel`).
@@ -71,8 +72,11 @@ class AbstractProblem(eqx.Module):
 
     @property
     def inputs(self) -> Array | None:
-        """The training inputs (leading axis: points), or None when the loss has none."""
-        return None
+        """The training inputs (leading axis: points): those of the loss when it fits data
+        (a `flowsim.losses.AbstractDataLoss`), else None."""
+        from ..losses import AbstractDataLoss
+
+        return self.loss.X if isinstance(self.loss, AbstractDataLoss) else None
 
     def metrics(self, models) -> dict[str, Array]:
         """Problem-specific quantities along one trajectory: name -> array of shape (time,)."""

@@ -75,10 +75,6 @@ class DeepLinearLogisticProblem(AbstractProblem):
     def init(self, key):
         return MLP(self.sizes, "linear", init_std=self.init_std, key=key)
 
-    @property
-    def inputs(self):
-        return self.X
-
     def metrics(self, models):
         w = jax.vmap(lambda m: m.end_to_end()[0])(models)  # (time, d)
         margin = jnp.min(self.y * (w @ self.X.T), axis=-1) / jnp.linalg.norm(w, axis=-1)

@@ -56,10 +56,6 @@ class TwoLayerReLUProblem(AbstractProblem):
         W = self.scale / d**0.5 * jr.normal(kw, (self.width, d), self.X.dtype)
         return TwoLayerReLU(W, self.scale * jr.normal(ka, (self.width,), self.X.dtype))
 
-    @property
-    def inputs(self):
-        return self.X
-
     def metrics(self, models):
         vn = jnp.sum(jnp.abs(models.a) * jnp.linalg.norm(models.W, axis=-1), axis=-1)
         return {"variation_norm": vn, "min_variation_norm": jnp.full_like(vn, self.vmin)}
