@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._trajectory import Trajectory
+from .models import AbstractModel
+from .models._activations import describe
 
 __all__ = [
     "DriftLedger",
@@ -54,9 +56,9 @@ def _units(model):
             f"{type(model).__name__} does not describe its hidden units; use a flowsim.models "
             f"model or implement hidden_units() (see flowsim.models.AbstractModel)"
         )
-    if not getattr(model, "is_homogeneous", True):
+    if isinstance(model, AbstractModel) and not model.is_homogeneous:
         warnings.warn(
-            f"{type(model).__name__} has activations {model.activations}: not positively "
+            f"{type(model).__name__} has activations {describe(model.activations)}: not positively "
             f"homogeneous, so the balance gaps are not conserved by gradient flow",
             NotConservedWarning,
             stacklevel=3,
@@ -98,10 +100,11 @@ def gram_gaps(model) -> tuple[Float[Array, "*lead units units"], ...]:
     **Raises:** `ValueError` if an activation is not linear (then only the diagonal, the
     `neuron_gaps`, is conserved).
     """
-    acts = getattr(model, "activations", ())
-    if any(a != "linear" for a in acts):
+    acts = model.activations if isinstance(model, AbstractModel) else ()
+    # Homogeneous without kinks: sigma(x) = c x, a linear network.
+    if not all(a.homogeneous and not a.has_kinks for a in acts):
         raise ValueError(
-            f"gram_gaps needs linear activations (Thm 2.2), got {acts}; "
+            f"gram_gaps needs linear activations (Thm 2.2), got {describe(acts)}; "
             f"use neuron_gaps for ReLU-type networks"
         )
     out = []

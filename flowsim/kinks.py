@@ -139,8 +139,9 @@ def resolve(kinks, model, loss) -> ExactKinks | None:
     if isinstance(kinks, ExactKinks):
         if not supported:
             raise ValueError(
-                "kinks='exact' needs a ReLU or leaky-ReLU model from flowsim.models and a loss "
-                "with inputs X (flowsim.losses.square or logistic); use kinks='smooth'")
+                "kinks='exact' needs a flowsim.models model with ReLU-type activations (each an "
+                "AbstractPiecewiseLinear, some with kinks) and a data loss "
+                "(flowsim.losses.AbstractDataLoss: square, logistic); use kinks='smooth'")
         return kinks
     assert isinstance(kinks, AutoKinks)
     if not supported:

@@ -13,7 +13,15 @@ import pytest
 
 import flowsim
 from flowsim import invariants
-from flowsim.models import MLP, ConvNet, MatrixFactorization, TwoLayerReLU
+from flowsim.models import (
+    MLP,
+    ConvNet,
+    LeakyReLU,
+    Linear,
+    MatrixFactorization,
+    ReLU,
+    TwoLayerReLU,
+)
 
 # Tolerances. A float64 forward pass rounds each operation at relative 2^-53 ~ 1.1e-16; these
 # small networks chain at most ~100 roundings, so 1e-12 (relative; 1e-13 absolute for entries
@@ -231,7 +239,7 @@ def test_mlp_shapes_and_forward_order(use_bias):
     net = MLP.from_weights(weights, "leaky_relu", negative_slope=0.1, use_bias=use_bias)
     assert [w.shape for w in net.layers] == shapes
     assert net.sizes == (4, 6, 5, 3)
-    assert net.activations == ("leaky_relu",) * 2
+    assert net.activations == (LeakyReLU(0.1),) * 2
     x = rng.normal(size=(8, 4))
     a = x  # NumPy reference: .layers applied in order, activation between layers only
     for h, w in enumerate(weights):
@@ -304,7 +312,7 @@ def test_matrix_factorization():
     ((inc, out),) = _np(mf.hidden_units())
     np.testing.assert_array_equal(inc, V.T)  # unit j: column j of V in, column j of U out
     np.testing.assert_array_equal(out, U.T)
-    assert mf.activations == ("linear",)
+    assert mf.activations == (Linear(),)
     rnd = MatrixFactorization.random(30, 40, 20, scale=1e-2, key=jr.key(7))
     assert rnd.U.shape == (30, 20) and rnd.V.shape == (40, 20)
     # 600 N(0, 1e-4) entries: the sample std is within 10% of 1e-2 (standard error ~3%).
@@ -364,7 +372,7 @@ def test_init_batch_and_scale():
     assert np.abs(w[0] - w[1]).max() > 0.1, "members are independent draws"
     small = flowsim.init.scale(nets, 1e-3)
     np.testing.assert_allclose(small.weights[0], 1e-3 * w, rtol=RTOL)
-    assert small.activation == "relu" and small.use_bias
+    assert small.activation == ReLU() and small.use_bias
 
 
 def test_balanced_stds_fig2():

@@ -29,12 +29,16 @@ class _Patterned(eqx.Module):
 
 
 def supports_kinks(model, loss) -> bool:
-    """True when `model` is piecewise linear with kinks and `loss` exposes its inputs `X`."""
-    acts = getattr(model, "activations", ())
+    """True when `model` is a flowsim model whose activations are all linear on each side of 0
+    (they have an activation pattern), some with kinks, and `loss` fits it to data."""
+    from ..losses import AbstractDataLoss
+    from ..models import AbstractModel, AbstractPiecewiseLinear
+
     return (
-        hasattr(loss, "X")
-        and getattr(model, "is_piecewise_linear", False)
-        and any(a in ("relu", "leaky_relu") for a in acts)
+        isinstance(loss, AbstractDataLoss)
+        and isinstance(model, AbstractModel)
+        and all(isinstance(a, AbstractPiecewiseLinear) for a in model.activations)
+        and model.has_kinks
     )
 
 

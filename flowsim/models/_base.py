@@ -3,47 +3,21 @@
 import abc
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-_ACTIVATIONS = ("linear", "relu", "leaky_relu", "tanh")
-_HOMOGENEOUS = ("linear", "relu", "leaky_relu")
+from ._activations import AbstractActivation, AbstractPiecewiseLinear
 
 
-def check_activation(activation: str) -> None:
-    if activation not in _ACTIVATIONS:
+def activate(activation: AbstractActivation, z: Array, mask: Array | None) -> Array:
+    """`activation(z)`, or with `mask` its patterned form (the slopes fixed by `mask`)."""
+    if mask is None:
+        return activation(z)
+    if not isinstance(activation, AbstractPiecewiseLinear):
         raise ValueError(
-            f"`activation` must be one of {', '.join(map(repr, _ACTIVATIONS))}, got {activation!r}"
+            f"activation {activation!r} is not an AbstractPiecewiseLinear (linear on each side "
+            f"of 0); it has no activation pattern"
         )
-
-
-def apply_activation(name: str, x: Array, negative_slope: float) -> Array:
-    if name == "linear":
-        return x
-    if name == "relu":
-        # jax.nn.relu's derivative at 0 is 0; any value would keep sigma'(x) x = sigma(x).
-        return jax.nn.relu(x)
-    if name == "leaky_relu":
-        return jnp.where(x >= 0, x, negative_slope * x)
-    return jnp.tanh(x)
-
-
-def patterned_activation(name: str, z: Array, mask: Array, negative_slope: float) -> Array:
-    """The activation with its slope on each entry fixed by `mask` in [0, 1] instead of sign(z).
-
-    For ReLU the slope is `mask` (1 active, 0 inactive, in between on a kink); for leaky ReLU
-    `negative_slope + (1 - negative_slope) * mask`. On the activation pattern sign(z) this equals
-    the activation itself; it is linear in z, so the loss is a polynomial in the weights while
-    the pattern is held fixed.
-    """
-    if name == "relu":
-        return mask * z
-    if name == "leaky_relu":
-        return (negative_slope + (1 - negative_slope) * mask) * z
-    if name == "linear":
-        return z
-    raise ValueError(f"activation {name!r} is not piecewise linear; it has no activation pattern")
+    return activation.patterned(z, mask)
 
 
 def init_stds(init_std, fan_ins) -> list[float]:
@@ -75,7 +49,10 @@ class AbstractModel(eqx.Module):
       out of each hidden unit between them, as two matrices with one row per unit. Rescaling a
       unit's incoming row by c > 0 and its outgoing row by 1/c leaves the function unchanged when
       the activation is positively homogeneous; this is what `flowsim.invariants` measures;
-    - `activations`: the activation name between each pair of adjacent layers.
+    - `activations`: the activation (an `AbstractActivation`) between each pair of adjacent
+      layers, whose properties give `is_homogeneous` and `has_kinks`;
+    - `forward(x, pattern)`: the output and the pre-activations of every hidden layer; calling
+      the model gives the output.
 
     Because `hidden_units` is pure array slicing, it applies to a gradient (a PyTree shaped like
     the model) just as well as to the model itself.
@@ -88,33 +65,33 @@ class AbstractModel(eqx.Module):
 
     @property
     @abc.abstractmethod
-    def activations(self) -> tuple[str, ...]:
-        """Activation name between layer h and h+1, for h = 1..N-1."""
+    def activations(self) -> tuple[AbstractActivation, ...]:
+        """The activation between layer h and h+1, for h = 1..N-1."""
 
     @abc.abstractmethod
     def hidden_units(self) -> tuple[tuple[Float[Array, "units a"], Float[Array, "units b"]], ...]:
         """For each hidden layer: (incoming, outgoing) parameters, one row per hidden unit."""
 
     @abc.abstractmethod
-    def __call__(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
-        """The network applied to a batch of inputs (leading axis: samples)."""
-
     def forward(self, x, pattern=None) -> tuple[Array, tuple[Array, ...]]:
         """The output and the pre-activations of every hidden layer, optionally on a fixed pattern.
 
-        `pattern`: `None`, or one array per hidden layer shaped like its pre-activations, with
-        the slope choice in [0, 1] of each entry (see `patterned_activation`). Models with
-        piecewise-linear activations implement it; it drives the exact integration through
-        ReLU kinks.
+        `x`: a batch of inputs (leading axis: samples). `pattern`: `None`, or one array per
+        hidden layer shaped like its pre-activations, with the slope choice in [0, 1] of each
+        entry (see `AbstractPiecewiseLinear.patterned`); it needs piecewise-linear activations
+        and drives the exact integration through kinks.
         """
-        raise TypeError(f"{type(self).__name__} does not expose its activation pattern")
 
-    @property
-    def is_piecewise_linear(self) -> bool:
-        """True when every activation is linear, ReLU or leaky ReLU (kinks, no curvature)."""
-        return all(a in _HOMOGENEOUS for a in self.activations)
+    def __call__(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
+        """The network applied to a batch of inputs (leading axis: samples)."""
+        return self.forward(x)[0]
 
     @property
     def is_homogeneous(self) -> bool:
         """True when every activation is positively homogeneous (the Du–Hu–Lee setting)."""
-        return all(a in _HOMOGENEOUS for a in self.activations)
+        return all(a.homogeneous for a in self.activations)
+
+    @property
+    def has_kinks(self) -> bool:
+        """True when some activation has kinks (ReLU, leaky ReLU): the flow meets them."""
+        return any(a.has_kinks for a in self.activations)

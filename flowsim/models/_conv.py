@@ -9,13 +9,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import default_dtype
-from ._base import (
-    AbstractModel,
-    apply_activation,
-    check_activation,
-    init_stds,
-    patterned_activation,
-)
+from ._activations import AbstractActivation, as_activation
+from ._base import AbstractModel, activate, init_stds
 
 
 def _conv(x, k):
@@ -51,14 +46,14 @@ class ConvNet(AbstractModel):
     - `out_features`: width of the dense head.
     - `kernel_size`: side of the square filters.
     - `activation`: as for `MLP`; ReLU by default.
+    - `negative_slope`: slope for negative inputs of the `"leaky_relu"` shortcut.
     - `init_std`: `None` for 1/sqrt(fan_in), a float, or one value per layer (convs then head).
     - `key`: a JAX PRNG key.
     """
 
     filters: tuple[Float[Array, "c_out c_in k k"], ...]
     head: Float[Array, "out features"]
-    activation: str = eqx.field(static=True)
-    negative_slope: float = eqx.field(static=True)
+    activation: AbstractActivation = eqx.field(static=True)
     in_shape: tuple[int, int, int] = eqx.field(static=True)
 
     def __init__(
@@ -68,7 +63,7 @@ class ConvNet(AbstractModel):
         out_features: int,
         *,
         kernel_size: int = 3,
-        activation: str = "relu",
+        activation: str | AbstractActivation = "relu",
         init_std: float | Sequence[float] | None = None,
         negative_slope: float = 0.01,
         dtype=None,
@@ -80,7 +75,7 @@ class ConvNet(AbstractModel):
             raise ValueError(f"`in_shape` must be (channels, height, width), got {in_shape}")
         if len(channels) < 2:
             raise ValueError(f"`channels` must list at least two convolutions, got {channels}")
-        check_activation(activation)
+        activation = as_activation(activation, negative_slope=negative_slope)
         c, hgt, wid = in_shape
         hgt_out = hgt - len(channels) * (kernel_size - 1)
         wid_out = wid - len(channels) * (kernel_size - 1)
@@ -101,7 +96,6 @@ class ConvNet(AbstractModel):
         )
         self.head = stds[-1] * jr.normal(keys[-1], (out_features, fan_ins[-1]), dtype)
         self.activation = activation
-        self.negative_slope = float(negative_slope)
         self.in_shape = in_shape
 
     @property
@@ -128,9 +122,6 @@ class ConvNet(AbstractModel):
             units.append((incoming, outgoing))
         return tuple(units)
 
-    def __call__(self, x):
-        return self.forward(x)[0]
-
     def forward(self, x, pattern=None):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(
@@ -140,8 +131,5 @@ class ConvNet(AbstractModel):
         for h, k in enumerate(self.filters):
             x = _conv(x, k)
             pre.append(x)
-            if pattern is None:
-                x = apply_activation(self.activation, x, self.negative_slope)
-            else:
-                x = patterned_activation(self.activation, x, pattern[h], self.negative_slope)
+            x = activate(self.activation, x, None if pattern is None else pattern[h])
         return x.reshape(x.shape[0], -1) @ self.head.T, tuple(pre)

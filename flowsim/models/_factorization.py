@@ -5,6 +5,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import as_float_array, default_dtype
+from ._activations import Linear
 from ._base import AbstractModel
 
 
@@ -59,7 +60,7 @@ class MatrixFactorization(AbstractModel):
 
     @property
     def activations(self):
-        return ("linear",)
+        return (Linear(),)
 
     def hidden_units(self):
         # Unit j: incoming row j of V^T (= column j of V), outgoing column j of U.
@@ -68,9 +69,6 @@ class MatrixFactorization(AbstractModel):
     def end_to_end(self) -> Float[Array, "m n"]:
         """The product U V^T."""
         return self.U @ jnp.swapaxes(self.V, -1, -2)
-
-    def __call__(self, x):
-        return self.forward(x)[0]
 
     def forward(self, x, pattern=None):
         del pattern  # linear: no kinks

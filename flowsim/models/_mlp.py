@@ -8,13 +8,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import as_float_array, default_dtype
-from ._base import (
-    AbstractModel,
-    apply_activation,
-    check_activation,
-    init_stds,
-    patterned_activation,
-)
+from ._activations import AbstractActivation, Linear, as_activation
+from ._base import AbstractModel, activate, init_stds
 
 
 class MLP(AbstractModel):
@@ -28,11 +23,12 @@ class MLP(AbstractModel):
     **Arguments:**
 
     - `sizes`: layer widths `(d_in, h_1, ..., d_out)`, at least two entries.
-    - `activation`: `"linear"`, `"relu"`, `"leaky_relu"` (positively homogeneous: the balancing
-      invariants hold) or `"tanh"` (not homogeneous: shows that the invariants then drift).
+    - `activation`: an `AbstractActivation`, or a shortcut for one (`as_activation`):
+      `"linear"`, `"relu"`, `"leaky_relu"` (positively homogeneous: the balancing invariants
+      hold) or `"tanh"` (not homogeneous: shows that the invariants then drift).
     - `init_std`: standard deviation of the Gaussian weights: `None` for 1/sqrt(fan_in), a float for
       all layers, or a sequence with one value per layer (e.g. a balanced initialisation).
-    - `negative_slope`: slope of leaky ReLU for negative inputs.
+    - `negative_slope`: slope for negative inputs of the `"leaky_relu"` shortcut.
     - `use_bias`: add a bias to every layer.
     - `key`: a JAX PRNG key.
 
@@ -47,14 +43,13 @@ class MLP(AbstractModel):
     """
 
     weights: tuple[Float[Array, "out in"], ...]
-    activation: str = eqx.field(static=True)
-    negative_slope: float = eqx.field(static=True)
+    activation: AbstractActivation = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
 
     def __init__(
         self,
         sizes: Sequence[int],
-        activation: str = "relu",
+        activation: str | AbstractActivation = "relu",
         *,
         init_std: float | Sequence[float] | None = None,
         negative_slope: float = 0.01,
@@ -68,7 +63,7 @@ class MLP(AbstractModel):
                 f"`sizes` must list at least two positive integer widths (d_in, ..., d_out), "
                 f"got {sizes}"
             )
-        check_activation(activation)
+        activation = as_activation(activation, negative_slope=negative_slope)
         n_layers = len(sizes) - 1
         stds = init_stds(init_std, sizes[:-1])
         dtype = default_dtype() if dtype is None else dtype
@@ -79,14 +74,13 @@ class MLP(AbstractModel):
             for k, std, d_in, d_out in zip(keys, stds, sizes[:-1], sizes[1:])
         )
         self.activation = activation
-        self.negative_slope = float(negative_slope)
         self.use_bias = use_bias
 
     @classmethod
     def from_weights(
         cls,
         weights: Sequence[Array],
-        activation: str = "relu",
+        activation: str | AbstractActivation = "relu",
         *,
         negative_slope: float = 0.01,
         use_bias: bool = False,
@@ -134,9 +128,6 @@ class MLP(AbstractModel):
             units.append((incoming, outgoing))
         return tuple(units)
 
-    def __call__(self, x):
-        return self.forward(x)[0]
-
     def forward(self, x, pattern=None):
         d_in = self.sizes[0]
         if x.ndim != 2 or x.shape[1] != d_in:
@@ -152,15 +143,12 @@ class MLP(AbstractModel):
                 x = x @ w.T
             if h < len(self.weights) - 1:
                 pre.append(x)
-                if pattern is None:
-                    x = apply_activation(self.activation, x, self.negative_slope)
-                else:
-                    x = patterned_activation(self.activation, x, pattern[h], self.negative_slope)
+                x = activate(self.activation, x, None if pattern is None else pattern[h])
         return x, tuple(pre)
 
     def end_to_end(self) -> Float[Array, "out in"]:
         """The product W_N ... W_1 of a linear network without biases."""
-        if self.activation != "linear" or self.use_bias:
+        if not isinstance(self.activation, Linear) or self.use_bias:
             raise ValueError(
                 "end_to_end() needs a linear MLP without biases, got "
                 f"activation={self.activation!r}, use_bias={self.use_bias}"

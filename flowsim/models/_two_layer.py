@@ -1,12 +1,12 @@
 """The one-hidden-layer ReLU network of Boursier, Pillaud-Vivien and Flammarion (2022)."""
 
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._precision import as_float_array, default_dtype
-from ._base import AbstractModel, patterned_activation
+from ._activations import ReLU
+from ._base import AbstractModel, activate
 
 
 class TwoLayerReLU(AbstractModel):
@@ -51,19 +51,16 @@ class TwoLayerReLU(AbstractModel):
 
     @property
     def activations(self):
-        return ("relu",)
+        return (ReLU(),)
 
     def hidden_units(self):
         return ((self.W, self.a[..., None]),)
-
-    def __call__(self, x):
-        return self.forward(x)[0]
 
     def forward(self, x, pattern=None):
         if x.ndim != 2 or x.shape[1] != self.W.shape[1]:
             raise ValueError(f"inputs must have shape (n, {self.W.shape[1]}), got {x.shape}")
         z = x @ self.W.T
-        h = jax.nn.relu(z) if pattern is None else patterned_activation("relu", z, pattern[0], 0.0)
+        h = activate(ReLU(), z, None if pattern is None else pattern[0])
         return h @ self.a, (z,)
 
     def variation_norm(self) -> Float[Array, ""]:

@@ -9,7 +9,7 @@ import jax.random as jr
 
 from .. import losses as _losses
 from .._precision import default_dtype
-from ..models import ConvNet
+from ..models import AbstractActivation, ConvNet, as_activation
 from ._base import AbstractProblem, check_init
 
 INIT_SCHEMES = ("default", "unbalanced")
@@ -23,19 +23,13 @@ class ConvProblem(AbstractProblem):
     channels: tuple[int, ...] = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
     kernel_size: int = eqx.field(static=True)
-    activation: str = eqx.field(static=True)
-    negative_slope: float = eqx.field(static=True)
+    activation: AbstractActivation = eqx.field(static=True)
     init_std: tuple[float, ...] = eqx.field(static=True)
 
     def init(self, key):
         return ConvNet(self.X.shape[1:], self.channels, self.out_features,
                        kernel_size=self.kernel_size, activation=self.activation,
-                       init_std=self.init_std, negative_slope=self.negative_slope,
-                       dtype=self.X.dtype, key=key)
-
-    @property
-    def inputs(self):
-        return self.X
+                       init_std=self.init_std, dtype=self.X.dtype, key=key)
 
 
 def conv(
@@ -45,7 +39,7 @@ def conv(
     *,
     n: int,
     kernel_size: int = 3,
-    activation: str = "relu",
+    activation: str | AbstractActivation = "relu",
     negative_slope: float = 0.01,
     noise: float = 0.0,
     data_seed: int = 0,
@@ -64,7 +58,8 @@ def conv(
     channels = tuple(int(c) for c in channels)
     kernel_size, out_features = int(kernel_size), int(out_features)
     check_init(init, variance, INIT_SCHEMES)
-    # The network's own checks (shapes, activation) first, with its messages.
+    activation = as_activation(activation, negative_slope=negative_slope)
+    # The network's own checks (shapes) first, with its messages.
     template = eqx.filter_eval_shape(
         lambda: ConvNet(in_shape, channels, out_features, kernel_size=kernel_size,
                         activation=activation, key=jr.key(0)))
@@ -81,4 +76,4 @@ def conv(
     A = jr.normal(ka, (out_features, d), dtype)
     Y = X.reshape(n, d) @ A.T + noise * jr.normal(kn, (n, out_features), dtype)
     return ConvProblem(X, _losses.square(X, Y), channels, out_features, kernel_size, activation,
-                       float(negative_slope), stds)
+                       stds)

@@ -10,7 +10,7 @@ import jax.random as jr
 from .. import data as _data, losses as _losses
 from .._precision import default_dtype
 from ..init import balanced_stds
-from ..models import MLP
+from ..models import MLP, AbstractActivation, as_activation
 from ._base import AbstractProblem, check_init
 
 INIT_SCHEMES = ("balanced", "unbalanced", "default")
@@ -39,24 +39,18 @@ class MLPProblem(AbstractProblem):
     X: jax.Array
     loss: Any
     sizes: tuple[int, ...] = eqx.field(static=True)
-    activation: str = eqx.field(static=True)
-    negative_slope: float = eqx.field(static=True)
+    activation: AbstractActivation = eqx.field(static=True)
     init_std: tuple[float, ...] = eqx.field(static=True)
 
     def init(self, key):
-        return MLP(self.sizes, self.activation, init_std=self.init_std,
-                   negative_slope=self.negative_slope, key=key)
-
-    @property
-    def inputs(self):
-        return self.X
+        return MLP(self.sizes, self.activation, init_std=self.init_std, key=key)
 
 
 def mlp(
     sizes: Sequence[int],
     *,
     n: int,
-    activation: str = "relu",
+    activation: str | AbstractActivation = "relu",
     negative_slope: float = 0.01,
     data: str = "gaussian",
     noise: float = 0.0,
@@ -89,6 +83,7 @@ def mlp(
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) < 2:
         raise ValueError(f"`sizes` must list at least two widths, got {sizes}")
+    activation = as_activation(activation, negative_slope=negative_slope)
     if noise and data != "gaussian":
         raise ValueError(f"`noise` applies to data='gaussian' only, got noise={noise} with "
                          f"data={data!r}")
@@ -98,7 +93,7 @@ def mlp(
     elif data == "teacher":
         kx, kt = jr.split(key)
         X = jr.normal(kx, (n, sizes[0]), default_dtype())
-        Y = MLP(sizes, activation, negative_slope=negative_slope, key=kt)(X)
+        Y = MLP(sizes, activation, key=kt)(X)
     elif data == "separable":
         if sizes[-1] != 1:
             raise ValueError(f"separable data has one label per point: the last width must be 1, "
@@ -114,5 +109,4 @@ def mlp(
         fit = _losses.logistic(X, Y)
     else:
         raise ValueError(f"`loss` must be 'square' or 'logistic', got {loss!r}")
-    return MLPProblem(X, fit, sizes, activation, float(negative_slope),
-                      mlp_stds(sizes, init, variance))
+    return MLPProblem(X, fit, sizes, activation, mlp_stds(sizes, init, variance))

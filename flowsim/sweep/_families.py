@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .. import problems as _problems
+from ..models import as_activation
 from ..problems import user as _user
 from ._schema import (
     ALIGNMENT,
@@ -94,7 +95,7 @@ def has_kinks(kind: str, activation: str | None) -> bool | None:
     if kind in PIECEWISE_LINEAR:
         return PIECEWISE_LINEAR[kind]
     if kind in PROBLEM_FIELDS:
-        return activation in ("relu", "leaky_relu")
+        return activation is not None and as_activation(activation).has_kinks
     return None
 
 
