@@ -80,7 +80,11 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
             "num_accepted_steps": sol.stats["num_accepted_steps"],
             "num_rejected_steps": sol.stats["num_rejected_steps"],
             "t_reached": t_reached[-1],
+            "max_steps": jnp.asarray(max_steps),
         }
+        stages = STAGES.get(type(solver))
+        if token is None and stages is not None:  # explicit: every stage one gradient
+            stats["num_grad_evals"] = stages * sol.stats["num_steps"] + 1
         if gap_drift:  # in the same compiled call: one dispatch less per solve
             stats["layer_gap_drift"] = _layer_gap_drift(eqx.combine(saved, static), False)
         end = jax.tree.map(lambda y: y[-1], y_end)
@@ -165,8 +169,7 @@ def gradient_flow(
     rtol, atol = _tolerances(stepsize_controller, rtol, atol, params)
     solver = _solver(solver, model, loss, t0, t1, n_params, batched, np.asarray(atol, dtype))
     ts_j, t0_j, t1_j = (np.asarray(x, dtype) for x in (ts_arr, t0, t1))
-    controller = stepsize_controller or default_controller(
-        solver, np.asarray(rtol, dtype), np.asarray(atol, dtype), ts_j)
+    controller = stepsize_controller or default_controller(solver, rtol, atol, ts_j)
     strategy = _strategy(kinks, single, loss, count_evals, dt0)
     gap_drift = _conserves_gaps(single)
     probe = events = None
@@ -178,7 +181,8 @@ def gradient_flow(
         saved, losses, result, stats, probe = _smooth_solve(
             params, static, loss, solver, controller, t0_j, t1_j, ts_j, dt0, max_steps,
             batch if batched else None, count_evals, progress, gap_drift)
-    stats = dict(stats, max_steps=_host(lambda xp, r: xp.full_like(r, max_steps), result._value))
+    if "max_steps" not in stats:
+        stats["max_steps"] = _host(lambda xp, r: xp.full_like(r, max_steps), result._value)
     if gap_drift and "layer_gap_drift" not in stats:
         stats["layer_gap_drift"] = _layer_gap_drift(eqx.combine(saved, static), batched)
     result, details = mark_divergence(result, losses, ts_j, stats["t_reached"], probe)
@@ -299,14 +303,10 @@ def _smooth_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max
         jax.block_until_ready((saved, stats))
     finally:
         counts = None if token is None else close_counts(token)
-    stages = STAGES.get(type(solver))
     if counts is not None:
         shape = jnp.shape(result._value)
         stats = dict(stats, **{f"num_{kind}_evals": jnp.asarray(n.reshape(shape))
                                for kind, n in counts.items()})
-    elif stages is not None:
-        stats = dict(stats, num_grad_evals=_host(lambda xp, n: stages * n + 1,
-                                                  stats["num_steps"]))
     probe = None
     if not isinstance(result._value, jax.core.Tracer) and \
             np.any(np.asarray(result._value) != 0):
