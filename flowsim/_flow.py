@@ -210,7 +210,9 @@ def _split(model, loss, batched):
 
 def _conserves_gaps(model) -> bool:
     """Whether the flow conserves the model's layer gaps (a homogeneous network)."""
-    return bool(getattr(model, "is_homogeneous", False) and getattr(model, "activations", ()))
+    from .models import AbstractModel
+
+    return isinstance(model, AbstractModel) and model.is_homogeneous and bool(model.activations)
 
 
 def _solver(solver, model, loss, t0, t1, n_params, batched, atol):

@@ -144,14 +144,19 @@ def resolve(kinks, model, loss) -> ExactKinks | None:
                 "(flowsim.losses.AbstractDataLoss: square, logistic); use kinks='smooth'")
         return kinks
     assert isinstance(kinks, AutoKinks)
-    if not supported:
-        return None
-    pre = jax.eval_shape(lambda m: m.forward(loss.X)[1], model)
-    surfaces = sum(math.prod(z.shape) for z in pre)
-    if surfaces > kinks.max_surfaces:
+    surfaces = 0
+    if supported:
+        pre = jax.eval_shape(lambda m: m.forward(loss.X)[1], model)
+        surfaces = sum(math.prod(z.shape) for z in pre)
+        if surfaces <= kinks.max_surfaces:
+            return kinks.exact
+    if kinks.exact.checkpoint is not None:
+        raise ValueError(
+            "`checkpoint` is for the exact-kink path, but AutoKinks takes the smooth path on "
+            "this problem; pass kinks=ExactKinks(checkpoint=...) to insist, or drop checkpoint")
+    if supported:
         warn_auto_smooth(surfaces, kinks.max_surfaces)
-        return None
-    return kinks.exact
+    return None
 
 
 def warn_auto_smooth(surfaces: int, limit: int) -> None:

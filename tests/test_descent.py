@@ -55,7 +55,7 @@ def test_gd_is_the_plain_update_and_trajectory_bookkeeping():
             eta = etas[k]
             model = jax.tree.map(lambda p, gp, eta=eta: p - eta * gp, model, grad(model))
     assert tree_max_abs_diff(traj.final_model(), model) < 1e-13
-    assert traj.model_at(-1).use_bias and traj.final_model().activation == "relu"
+    assert traj.model_at(-1).use_bias and traj.final_model().activation == flowsim.models.ReLU()
     assert traj.models.weights[0].shape == (11, 4, 4)  # leading time axis
     for arr in (traj.ts, traj.loss, traj.learning_rates, *traj.ledger, *traj.models.weights):
         assert arr.dtype == jnp.float64

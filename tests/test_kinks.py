@@ -763,6 +763,12 @@ def test_checkpoint_resumes_bitwise_after_interrupt(solutions, tmp_path, monkeyp
         kink_flow(*other, checkpoint=path)
     with pytest.raises(ValueError, match=r"^checkpoint: the folder of .* does not exist"):
         kink_flow(*args, checkpoint=tmp_path / "missing" / "run.npz")
+    # A checkpoint never silently unused: AutoKinks that would go smooth (here: a surface
+    # limit below this problem's) refuses it.
+    auto = flowsim.AutoKinks(exact=flowsim.ExactKinks(checkpoint=path), max_surfaces=1)
+    with pytest.raises(ValueError, match="`checkpoint` is for the exact-kink path, but "
+                                         "AutoKinks takes the smooth path"):
+        flowsim.gradient_flow(model, loss, 1.0, kinks=auto)
 
 
 def test_sliding_bucket_sizes():
