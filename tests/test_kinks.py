@@ -373,6 +373,7 @@ def test_sliding_slopes_solve_coupled_layers():
     assert np.all(np.isfinite(np.asarray(lam)))
 
 
+@pytest.mark.slow  # 30 s; an optimisation of the host-side reference loop only
 def test_separate_event_conditions_match_their_minimum(monkeypatch):
     # Crossings and releases are located as two conditions (a crossing then costs forward
     # passes only); when a crossing was located but a release came first, the piece is re-run
