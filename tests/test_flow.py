@@ -82,6 +82,7 @@ def test_invariants_conserved_along_flow(sizes, activation):
         assert max(float(jnp.max(jnp.abs(g))) for g in gram) <= 1e-9 * scale
 
 
+@pytest.mark.slow  # ~30 s of compilation; the conv example's smoke run bounds its flow drift
 def test_invariants_conserved_convnet():
     # Shared filters (Thm 2.3) with ReLU. Every (sample, position, channel) is a kink surface;
     # with kinks="smooth" this instance reaches a sliding mode at t ~ 0.42 and stalls, the exact
