@@ -49,7 +49,7 @@ def estimate_error(model, loss, t1: float, *, factor: float = ERROR_ESTIMATE_FAC
     assert 0 < float(traj.stats["error_estimate"]) < 1e-4
     ```
     """
-    from ._flow import gradient_flow  # the flow module builds on this one's helpers
+    from ._flow import DEFAULT_TOL, gradient_flow  # the flow module builds on this one
 
     if not (isinstance(factor, int | float) and factor > 1):
         raise ValueError(f"`factor` must be a number above 1, got {factor!r}")
@@ -62,7 +62,8 @@ def estimate_error(model, loss, t1: float, *, factor: float = ERROR_ESTIMATE_FAC
         tight_kwargs["stepsize_controller"] = tighten(controller, factor)
     else:
         for name in ("rtol", "atol"):
-            tight_kwargs[name] = kwargs.get(name, 1e-10) / factor
+            given = kwargs.get(name)
+            tight_kwargs[name] = (DEFAULT_TOL if given is None else given) / factor
     kinks = kwargs.get("kinks", "auto")
     if traj.kinks == "exact":
         strategy = kinks if isinstance(kinks, ExactKinks) else ExactKinks()
