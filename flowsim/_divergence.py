@@ -52,6 +52,8 @@ def mark_divergence(result, losses, ts, t_reached, probe):
         return result, {}
     code = np.atleast_1d(codes(result))
     loss = np.asarray(losses).reshape(code.shape[0], -1)
+    if probe is None and not code.any() and np.isfinite(loss).all():  # the common case
+        return result, {}
     reached = np.asarray(ts).reshape(1, -1) <= np.atleast_1d(np.asarray(t_reached))[:, None]
     bad_saved = np.any(reached & ~np.isfinite(loss), axis=1)
     diverged = bad_saved.copy()

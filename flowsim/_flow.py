@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
@@ -14,7 +15,8 @@ from ._counting import close_counts, counting_field, open_counts
 from ._divergence import divergence_probe, mark_divergence
 from ._exact.solve import exact_flow
 from ._exact.state import MAX_EVENTS, STOPPED_EARLY
-from ._precision import warn_tolerance_precision
+from ._jit import Memo, bind, is_immutable_array
+from ._precision import lowest_precision, warn_tolerance_precision
 from ._problem import check_finite_inputs, check_loss, check_model, split_batch
 from ._results import RESULTS, from_codes, report_failures
 from ._solvers import (
@@ -26,7 +28,7 @@ from ._solvers import (
     make_solver,
 )
 from ._trajectory import Trajectory
-from .kinks import AbstractKinks, resolve
+from .kinks import AbstractKinks, ExactKinks, resolve
 
 DEFAULT_TOL = 1e-10
 """`rtol` and `atol` of `gradient_flow` when neither they nor a step controller are given."""
@@ -45,13 +47,6 @@ def _n_params(params, batched: bool) -> int:
     return sum(math.prod(x.shape[1:] if batched else x.shape) for x in leaves)
 
 
-
-def _n_params(params, batched: bool) -> int:
-    leaves = jax.tree.leaves(params)
-    return sum(math.prod(x.shape[1:] if batched else x.shape) for x in leaves)
-
-
-@eqx.filter_jit
 def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batched,
                 token=None, progress=False, gap_drift=False):
     grad = eqx.filter_grad(lambda q: loss(eqx.combine(q, static)))
@@ -164,14 +159,10 @@ def gradient_flow(
     ```
     """
     t0, t1, ts_arr = _check_times(t0, t1, ts, max_steps)
-    params, static, batch, single = _split(model, loss, batched)
-    dtype, n_params = np.dtype(jax.tree.leaves(params)[0].dtype), _n_params(params, batched)
-    rtol, atol = _tolerances(stepsize_controller, rtol, atol, params)
-    solver = _solver(solver, model, loss, t0, t1, n_params, batched, np.asarray(atol, dtype))
-    ts_j, t0_j, t1_j = (np.asarray(x, dtype) for x in (ts_arr, t0, t1))
-    controller = stepsize_controller or default_controller(solver, rtol, atol, ts_j)
-    strategy = _strategy(kinks, single, loss, count_evals, dt0)
-    gap_drift = _conserves_gaps(single)
+    rtol, atol = _tolerances(stepsize_controller, rtol, atol)
+    plan = _prepare(model, loss, t0, t1, ts_arr, solver, stepsize_controller, rtol, atol,
+                    max_steps, dt0, batched, kinks, count_evals)
+    params, static, batch, solver, controller, strategy, gap_drift, ts_j, t0_j, t1_j = plan[:10]
     probe = events = None
     if strategy is not None:
         saved, losses, result, stats, events = _kink_solve(
@@ -180,22 +171,82 @@ def gradient_flow(
     else:
         saved, losses, result, stats, probe = _smooth_solve(
             params, static, loss, solver, controller, t0_j, t1_j, ts_j, dt0, max_steps,
-            batch if batched else None, count_evals, progress, gap_drift)
+            batch if batched else None, count_evals, progress, gap_drift, plan.bound)
     if "max_steps" not in stats:
         stats["max_steps"] = _host(lambda xp, r: xp.full_like(r, max_steps), result._value)
     if gap_drift and "layer_gap_drift" not in stats:
         stats["layer_gap_drift"] = _layer_gap_drift(eqx.combine(saved, static), batched)
     result, details = mark_divergence(result, losses, ts_j, stats["t_reached"], probe)
-    ts_j = jnp.asarray(ts_j)
+    ts_j = plan.ts_device
     traj = Trajectory(
         ts=jnp.broadcast_to(ts_j, (batch, ts_j.shape[0])) if batched else ts_j,
         models=eqx.combine(saved, static), loss=losses, result=result, stats=stats,
         batched=batched, solver=type(solver).__name__, events=events,
-        kinks="exact" if strategy is not None else ("smooth" if _has_kinks(model) else None),
+        kinks=plan.kinks,
     )
     if not isinstance(result._value, jax.core.Tracer):
         report_failures(result, stats["t_reached"], throw, max_steps, details, t0)
     return traj
+
+
+class _Plan(NamedTuple):
+    """What a call of `gradient_flow` settles before it solves: checked inputs, the solver,
+    the controller, the kink strategy, and the smooth solve's compiled call (`bound`: filled
+    by the first solve)."""
+
+    params: Any
+    static: Any
+    batch: int | None
+    solver: dfx.AbstractSolver
+    controller: dfx.AbstractStepSizeController
+    strategy: ExactKinks | None
+    gap_drift: bool
+    ts: np.ndarray
+    t0: np.ndarray
+    t1: np.ndarray
+    ts_device: jax.Array
+    kinks: str | None
+    low_precision: bool
+    bound: dict
+
+
+_plans = Memo(maxsize=64)
+"""Plans of calls still alive, by the identity of (model, loss) and the value of every other
+argument: a solve called again on the same immutable inputs (a benchmark's repeats, a tolerance
+ladder) skips its checks and choices (~0.1 ms, a 2 x 2 factorization's whole solve)."""
+
+
+def _prepare(model, loss, t0, t1, ts_arr, solver, controller, rtol, atol, max_steps, dt0,
+             batched, kinks, count_evals) -> _Plan:
+    """The `_Plan` of a call, remembered where model and loss are immutable."""
+    objs = (model, loss)
+    try:
+        extra = (t0, t1, tuple(ts_arr.tolist()), solver, controller, rtol, atol, max_steps, dt0,
+                 batched, kinks, count_evals)
+        hash(extra)
+    except TypeError:  # e.g. a controller holding NumPy arrays: not remembered
+        extra = None
+    memo = extra is not None and all(isinstance(x, eqx.Module) for x in objs) and \
+        all(is_immutable_array(x) for x in jax.tree.leaves(objs) if eqx.is_array(x))
+    plan = _plans.get(objs, extra) if memo else None
+    if plan is not None:
+        if plan.low_precision:
+            warn_tolerance_precision(plan.params, rtol, atol)
+        return plan
+    params, static, batch, single = _split(model, loss, batched)
+    warn_tolerance_precision(params, rtol, atol)
+    dtype, n_params = np.dtype(jax.tree.leaves(params)[0].dtype), _n_params(params, batched)
+    solver = _solver(solver, model, loss, t0, t1, n_params, batched, np.asarray(atol, dtype))
+    ts_j, t0_j, t1_j = (np.asarray(x, dtype) for x in (ts_arr, t0, t1))
+    controller = controller or default_controller(solver, rtol, atol, ts_j)
+    strategy = _strategy(kinks, single, loss, count_evals, dt0)
+    label = "exact" if strategy is not None else ("smooth" if _has_kinks(model) else None)
+    plan = _Plan(params, static, batch, solver, controller, strategy, _conserves_gaps(single),
+                 ts_j, t0_j, t1_j, jnp.asarray(ts_j), label, lowest_precision(params).itemsize <= 4,
+                 {})
+    if memo and label != "smooth":  # AutoKinks's smooth choice warns every call
+        _plans.put(objs, plan, extra)
+    return plan
 
 
 def _split(model, loss, batched):
@@ -251,9 +302,9 @@ def _check_times(t0, t1, ts, max_steps):
     return t0, t1, ts_arr
 
 
-def _tolerances(controller, rtol, atol, params):
-    """`(rtol, atol)`: the given ones (default `DEFAULT_TOL`), or the controller's own; checked
-    and warned about when the model's precision cannot meet them."""
+def _tolerances(controller, rtol, atol):
+    """`(rtol, atol)`: the given ones (default `DEFAULT_TOL`), or the controller's own;
+    checked."""
     if controller is not None:
         if not isinstance(controller, dfx.AbstractStepSizeController):
             raise TypeError(f"`stepsize_controller` must be a diffrax step-size controller, got "
@@ -270,7 +321,6 @@ def _tolerances(controller, rtol, atol, params):
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
             raise ValueError(f"`{name}` must be a positive float, got {tol!r}")
-    warn_tolerance_precision(params, rtol, atol)
     return rtol, atol
 
 
@@ -292,16 +342,22 @@ def _strategy(kinks, single, loss, count_evals, dt0):
 
 
 def _smooth_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batch,
-                  count_evals, progress, gap_drift):
+                  count_evals, progress, gap_drift, bound):
     """One diffrax solve (vmapped over `batch` members); `probe` is what tells a diverged flow
-    from a failed solve, computed only when one failed."""
+    from a failed solve, computed only when one failed. `bound`: compiled calls by `progress`
+    (arguments flattened once per plan)."""
     token = open_counts(1 if batch is None else batch) if count_evals else None
     try:
-        saved, losses, result, stats, y_end = _flow_solve(
-            params, static, loss, solver, controller, t0, t1, ts,
-            None if dt0 is None else np.asarray(dt0, ts.dtype), max_steps, batch is not None,
-            None if token is None else np.asarray(token, np.int32), bool(progress), gap_drift,
-        )
+        call = bound.get(bool(progress)) if token is None else None
+        if call is None:
+            call = bind(
+                _flow_solve, params, static, loss, solver, controller, t0, t1, ts,
+                None if dt0 is None else np.asarray(dt0, ts.dtype), max_steps,
+                batch is not None, None if token is None else np.asarray(token, np.int32),
+                bool(progress), gap_drift)
+            if token is None:
+                bound[bool(progress)] = call
+        saved, losses, result, stats, y_end = call()
         jax.block_until_ready((saved, stats))
     finally:
         counts = None if token is None else close_counts(token)

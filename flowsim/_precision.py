@@ -58,7 +58,7 @@ class PrecisionWarning(UserWarning):
 def lowest_precision(params) -> jnp.dtype:
     """The floating dtype of `params`'s arrays with the largest machine epsilon."""
     dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)
-              if jnp.issubdtype(x.dtype, jnp.floating)}
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
     if not dtypes:
         return default_dtype()
     return max(dtypes, key=lambda d: float(jnp.finfo(d).eps))

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jit import Memo, is_immutable_array
+
 
 def check_model(params, batched: bool) -> int | None:
     """Checks that `params` holds floating arrays (with one batch size when `batched`)."""
@@ -83,11 +85,23 @@ def _finite_flags(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
+_known_finite = Memo(maxsize=1024)
+"""JAX arrays already found finite (immutable: the check holds while the array lives): the
+loss's data and a model passed again are not checked again (~0.02 ms a call)."""
+
+
 def _all_finite(leaves) -> bool:
     """Whether every (concrete, inexact) array in `leaves` is finite: one compiled reduction
-    and one transfer for all of them."""
+    and one transfer for all of them, none where all are known to be finite."""
     leaves = [x for x in leaves if eqx.is_inexact_array(x) and _is_concrete(x)]
-    return not leaves or bool(np.all(np.asarray(_finite_flags(leaves))))
+    if all(_known_finite.get((x,)) is not None for x in leaves):
+        return True
+    if not bool(np.all(np.asarray(_finite_flags(leaves)))):
+        return False
+    for x in leaves:
+        if is_immutable_array(x):
+            _known_finite.put((x,), True)
+    return True
 
 
 def _is_concrete(x) -> bool:
@@ -143,7 +157,7 @@ def check_finite_model(params, batched: bool) -> None:
 def check_finite_inputs(params, loss, batched: bool) -> None:
     """`check_finite_model` and `check_finite_loss_data` in one compiled reduction when all is
     finite (the common case: ~0.05 ms); the detailed checks name what is not."""
-    data = eqx.filter(loss, eqx.is_inexact_array) if isinstance(loss, eqx.Module) else None
+    data = loss if isinstance(loss, eqx.Module) else None  # _all_finite keeps its arrays
     if _all_finite(jax.tree.leaves((params, data))):
         return
     check_finite_model(params, batched)

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -49,9 +50,13 @@ def _power(hvp, p, v, shift, iters: int, rtol):
 
 
 @eqx.filter_jit
-def _sharpness(params, static, loss, v, iters: int, rtol=0.0):
+def _sharpness(params, static, loss, key, iters: int, rtol=0.0):
     # One compiled function per (model structure, loss type, iters): the loss's arrays are
-    # traced, so new data or a new initialisation reuses it.
+    # traced, so new data or a new initialisation reuses it. The start vector is drawn inside:
+    # one dispatch for the whole estimate.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jr.split(key, len(leaves))
+    v = jax.tree.unflatten(treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
     _, hvp = hvp_fn(loss, static)
     lam = _power(hvp, params, v, jnp.zeros((), lam_dtype(params)), iters, rtol)
     lam_pos = jax.lax.cond(lam < 0, lambda: _power(hvp, params, v, lam, iters, rtol),
@@ -83,8 +88,9 @@ def sharpness(
     ```
     """
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    key = jr.key(0) if key is None else key
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jr.split(key, len(leaves))
-    v = jax.tree.unflatten(treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    return _sharpness(params, static, loss, v, iters, rtol)
+    key = _DEFAULT_KEY if key is None else key
+    return _sharpness(params, static, loss, key, iters, rtol)
+
+
+_DEFAULT_KEY = np.zeros(2, np.uint32)
+"""The key data of `jax.random.key(0)` (threefry), as NumPy: no dispatch per call."""

@@ -165,4 +165,4 @@ def warn_auto_smooth(surfaces: int, limit: int) -> None:
         f"(points x hidden units, above {limit:,}) with the smooth solver, whose error through "
         f"kinks can be far above rtol (check it with flowsim.estimate_error); pass "
         f"kinks='exact' for the exact path or kinks='smooth' to silence this",
-        KinksWarning, stacklevel=5)
+        KinksWarning, stacklevel=6)
