@@ -10,7 +10,10 @@ Problems:
 For each, the answers are compared first (flowsim's final parameters against the hand-written
 solve's, relative difference), then both are timed warm (median of repeats, interleaved).
 flowsim runs as a user calls it: `solver="auto"` (the default: a sharpness estimate picks the
-solver) and `solver="tsit5"` (no estimate).
+solver) and `solver="tsit5"` (no estimate). Two ways to call: the same model again (a
+benchmark's repeats, a tolerance ladder: flowsim reuses its checks and its sharpness estimate for
+immutable inputs it has seen) and a new model of the same shapes each call (a sweep over
+initialisations: every check and estimate runs; the new model is built outside the timing).
 
 Run `python benchmarks/overhead.py [--quick] [--repeats R] [--widths W ...]`.
 """
@@ -59,22 +62,29 @@ def plain_diffrax(model, loss, t1):
             stepsize_controller=dfx.PIDController(rtol=TOL, atol=TOL), max_steps=100_000)
         return sol.ys
 
-    return lambda: solve(params)
+    return solve  # takes the model's arrays: partitioned outside the timing, as users would
 
 
-def measure(name, model, loss, t1, repeats):
+def copy(model):
+    """The same model in new arrays: to flowsim a model it has not seen."""
+    return jax.tree.map(lambda x: x + 0 if eqx.is_inexact_array(x) else x, model)
+
+
+def measure(name, model, loss, t1, repeats, fresh=False):
     n_params = ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0].size
     runs = {
         "diffrax Tsit5 (by hand)": plain_diffrax(model, loss, t1),
-        "flowsim tsit5": lambda: flowsim.gradient_flow(model, loss, t1, solver="tsit5",
-                                                       rtol=TOL, atol=TOL).models,
-        "flowsim default": lambda: flowsim.gradient_flow(model, loss, t1, rtol=TOL,
-                                                         atol=TOL).models,
+        "flowsim tsit5": lambda m: flowsim.gradient_flow(m, loss, t1, solver="tsit5",
+                                                         rtol=TOL, atol=TOL).models,
+        "flowsim default": lambda m: flowsim.gradient_flow(m, loss, t1, rtol=TOL,
+                                                           atol=TOL).models,
     }
     # Correctness first: the final parameters of each flowsim run against the hand-written.
     finals = {}
+    args = {k: (lambda m: eqx.filter(m, eqx.is_inexact_array)) if k.startswith("diffrax")
+            else (lambda m: m) for k in runs}
     for key, fn in runs.items():
-        out = _common.block(fn())
+        out = _common.block(fn(args[key](model)))
         tree = out if key.startswith("diffrax") else eqx.filter(out, eqx.is_inexact_array)
         finals[key] = ravel_pytree(jax.tree.map(lambda x: x[-1], tree))[0]
     ref = finals["diffrax Tsit5 (by hand)"]
@@ -84,10 +94,13 @@ def measure(name, model, loss, t1, repeats):
     times = {k: [] for k in runs}
     for _ in range(repeats):  # interleaved: a busy machine slows every contender alike
         for key, fn in runs.items():
-            times[key].append(_common.timeit(fn, repeats=1, warmup=0)["median_s"])
+            m = args[key](_common.block(copy(model)) if fresh else model)
+            run = lambda fn=fn, m=m: fn(m)  # noqa: E731
+            times[key].append(_common.timeit(run, repeats=1, warmup=0)["median_s"])
     med = {k: float(np.median(v)) for k, v in times.items()}
     base = med["diffrax Tsit5 (by hand)"]
-    return {"problem": name, "n_params": int(n_params), "rel_diff": diffs, "median_s": med,
+    return {"problem": name, "call": "new model each call" if fresh else "same model again",
+            "n_params": int(n_params), "rel_diff": diffs, "median_s": med,
             "ratio": {k: v / base for k, v in med.items()}, "times_s": times}
 
 
@@ -98,14 +111,16 @@ def main():
     widths = args.widths or ([32, 128] if args.quick else [32, 64, 128, 256, 512])
     repeats = args.repeats or (5 if args.quick else 7)
     records = []
-    for w in widths:
-        records.append(measure(f"deep linear w={w}", *deep_linear(w), repeats))
-    records.append(measure("2x2 factorization", *tiny(), max(repeats, 50)))
-    rows = [[r["problem"], r["n_params"], r["median_s"]["diffrax Tsit5 (by hand)"] * 1e3,
+    for fresh in (False, True):
+        for w in widths:
+            records.append(measure(f"deep linear w={w}", *deep_linear(w), repeats, fresh))
+        records.append(measure("2x2 factorization", *tiny(), max(repeats, 50), fresh))
+    rows = [[r["problem"], r["call"], r["n_params"],
+             r["median_s"]["diffrax Tsit5 (by hand)"] * 1e3,
              r["median_s"]["flowsim tsit5"] * 1e3, r["median_s"]["flowsim default"] * 1e3,
              f"{r['ratio']['flowsim tsit5']:.2f}x", f"{r['ratio']['flowsim default']:.2f}x"]
             for r in records]
-    text = _common.table(["problem", "params", "diffrax ms", "flowsim tsit5 ms",
+    text = _common.table(["problem", "call", "params", "diffrax ms", "flowsim tsit5 ms",
                           "flowsim default ms", "tsit5 / diffrax", "default / diffrax"], rows,
                          title=f"Non-stiff overhead, rtol = atol = {TOL:g}, warm, median "
                                f"of {repeats} (tiny: {max(repeats, 50)})")
