@@ -22,7 +22,9 @@ Targets checked (ratios measured in this run, at equal final error):
   default's tol-1e-8 run, and at final errors 1e-7, 1e-9, 1e-11: `STIFF_ERRORS`);
 - Fig 2 network to t = 20: flowsim default <= 0.5x diffrax Tsit5's wall time.
 
-Run `python benchmarks/work_precision.py [--quick] [--problems stiff mlp fig2] [--repeats R]`.
+Run `python benchmarks/work_precision.py [--quick] [--problems stiff mlp fig2 matrix_free]
+[--repeats R]`; `matrix_free` runs `stiff_matrix_free.py` (RKC2 against Kvaerno5 + Newton-GMRES
+and Tsit5 at 52k parameters) with its own table and JSON.
 """
 
 import math
@@ -418,13 +420,24 @@ def plot(results, out, quick):
 
 def main(argv=None):
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--problems", nargs="+", default=None, choices=["stiff", "mlp", "fig2"],
-                   help="default: all three (with --quick: stiff mlp; the reduced Fig 2 network "
-                        "alone takes ~2 minutes, run it with --quick --problems fig2)")
+    p.add_argument("--problems", nargs="+", default=None,
+                   choices=["stiff", "mlp", "fig2", "matrix_free"],
+                   help="default: stiff mlp fig2 (with --quick: stiff mlp; the reduced Fig 2 "
+                        "network alone takes ~2 minutes, run it with --quick --problems fig2); "
+                        "matrix_free: the stiff 52k-parameter deep linear net "
+                        "(stiff_matrix_free.py, its own table and JSON)")
     p.add_argument("--fig2-reduced", action="store_true",
                    help="use the reduced Fig 2 network (100->10->10->10) even without --quick")
     args = p.parse_args(argv)
     quick = args.quick
+    if args.problems and "matrix_free" in args.problems:
+        import stiff_matrix_free  # imports this module: loaded only when asked for
+
+        stiff_matrix_free.main([*(["--quick"] if quick else []), "--out", str(args.out),
+                                *(["--repeats", str(args.repeats)] if args.repeats else [])])
+        args.problems = [x for x in args.problems if x != "matrix_free"]
+        if not args.problems:
+            return
     if args.problems is None:
         args.problems = ["stiff", "mlp"] if quick else ["stiff", "mlp", "fig2"]
     repeats = args.repeats or 3
