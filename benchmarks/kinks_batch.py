@@ -6,7 +6,7 @@ with Tsit5 at rtol = atol = 1e-8 (~110-190 events per member). Columns, all in o
 
 - `batch (auto)`: `gradient_flow(..., batched=True)` with exact kinks as it runs by default
   (`ExactKinks(batch="auto")`: one vmapped program on an accelerator, a loop of the compiled
-  single-trajectory program on the CPU);
+  single-trajectory program on the CPU, one thread per core);
 - `batch (vmap)`: the vmapped program forced;
 - `loop`: a Python loop of single `gradient_flow` calls (new path);
 - `host loop`: the previous per-member path, `flowsim._exact.host.kink_flow`, one Python iteration

@@ -67,9 +67,9 @@ class ExactKinks(AbstractKinks):
       resumed from if it exists (bitwise as if never stopped). A batch run as a loop keeps one
       file per member, `<stem>-<i><suffix>`.
     - `batch`: how a batch runs: `"vmap"` (one vmapped program, for accelerators), `"loop"`
-      (the single-trajectory program over the members in turn, compiled once), `"auto"`
-      (default): vmap on an accelerator, loop on the CPU (`flowsim._exact.solve.batch_execution`
-      has the measurement).
+      (the single-trajectory program over the members, compiled once, one thread per CPU
+      core), `"auto"` (default): vmap on an accelerator, loop on the CPU
+      (`flowsim._exact.solve.batch_execution` and `loop_threads` have the measurements).
     - `capacity`: the first static capacity of the sliding set (0: the loop compiles without
       the sliding solves until something slides; it grows to 8, 16, 32, ...).
 
