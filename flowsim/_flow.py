@@ -1,5 +1,6 @@
 """Gradient flow d theta/dt = -grad L(theta), integrated by diffrax."""
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -16,6 +17,7 @@ from ._divergence import divergence_probe, mark_divergence
 from ._exact.solve import exact_flow
 from ._exact.state import MAX_EVENTS, STOPPED_EARLY
 from ._jit import Memo, bind, is_immutable_array
+from ._members import batch_execution, loop_threads, map_members, members
 from ._precision import lowest_precision, warn_tolerance_precision
 from ._problem import check_finite_inputs, check_loss, check_model, split_batch
 from ._results import RESULTS, from_codes, report_failures
@@ -28,7 +30,7 @@ from ._solvers import (
     make_solver,
 )
 from ._trajectory import Trajectory
-from .kinks import AbstractKinks, ExactKinks, resolve
+from .kinks import AbstractKinks, ExactKinks, SmoothKinks, resolve
 
 DEFAULT_TOL = 1e-10
 """`rtol` and `atol` of `gradient_flow` when neither they nor a step controller are given."""
@@ -171,7 +173,8 @@ def gradient_flow(
     else:
         saved, losses, result, stats, probe = _smooth_solve(
             params, static, loss, solver, controller, t0_j, t1_j, ts_j, dt0, max_steps,
-            batch if batched else None, count_evals, progress, gap_drift, plan.bound)
+            batch if batched else None, count_evals, progress, gap_drift, plan.bound,
+            plan.loop_members)
     if "max_steps" not in stats:
         stats["max_steps"] = _host(lambda xp, r: xp.full_like(r, max_steps), result._value)
     if gap_drift and "layer_gap_drift" not in stats:
@@ -207,6 +210,7 @@ class _Plan(NamedTuple):
     ts_device: jax.Array
     kinks: str | None
     low_precision: bool
+    loop_members: bool
     bound: dict
 
 
@@ -241,9 +245,11 @@ def _prepare(model, loss, t0, t1, ts_arr, solver, controller, rtol, atol, max_st
     controller = controller or default_controller(solver, rtol, atol, ts_j)
     strategy = _strategy(kinks, single, loss, count_evals, dt0)
     label = "exact" if strategy is not None else ("smooth" if _has_kinks(model) else None)
+    loop = batched and label == "smooth" and batch_execution(
+        kinks.batch if isinstance(kinks, SmoothKinks) else "auto") == "loop"
     plan = _Plan(params, static, batch, solver, controller, strategy, _conserves_gaps(single),
-                 ts_j, t0_j, t1_j, jnp.asarray(ts_j), label, lowest_precision(params).itemsize <= 4,
-                 {})
+                 ts_j, t0_j, t1_j, jnp.asarray(ts_j), label,
+                 lowest_precision(params).itemsize <= 4, loop, {})
     if memo and label != "smooth":  # AutoKinks's smooth choice warns every call
         _plans.put(objs, plan, extra)
     return plan
@@ -342,21 +348,29 @@ def _strategy(kinks, single, loss, count_evals, dt0):
 
 
 def _smooth_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_steps, batch,
-                  count_evals, progress, gap_drift, bound):
-    """One diffrax solve (vmapped over `batch` members); `probe` is what tells a diverged flow
+                  count_evals, progress, gap_drift, bound, loop_members=False):
+    """One diffrax solve (vmapped over `batch` members, or with `loop_members` the single
+    solve over them on threads: `flowsim._members`); `probe` is what tells a diverged flow
     from a failed solve, computed only when one failed. `bound`: compiled calls by `progress`
     (arguments flattened once per plan)."""
     token = open_counts(1 if batch is None else batch) if count_evals else None
+    dt0 = None if dt0 is None else np.asarray(dt0, ts.dtype)
     try:
         call = bound.get(bool(progress)) if token is None else None
+        if call is None and loop_members and token is None and not progress and \
+                not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+            call = functools.partial(map_members, lambda f: f(), [  # flattened here, run there
+                bind(_flow_solve, p, static, loss, solver, controller, t0, t1, ts, dt0,
+                     max_steps, False, None, False, gap_drift) for p in members(params, batch)],
+                loop_threads(batch))
         if call is None:
             call = bind(
-                _flow_solve, params, static, loss, solver, controller, t0, t1, ts,
-                None if dt0 is None else np.asarray(dt0, ts.dtype), max_steps,
-                batch is not None, None if token is None else np.asarray(token, np.int32),
-                bool(progress), gap_drift)
-            if token is None:
-                bound[bool(progress)] = call
+                _flow_solve, params, static, loss, solver, controller, t0, t1, ts, dt0,
+                max_steps, batch is not None,
+                None if token is None else np.asarray(token, np.int32), bool(progress),
+                gap_drift)
+        if token is None:
+            bound[bool(progress)] = call
         saved, losses, result, stats, y_end = call()
         jax.block_until_ready((saved, stats))
     finally:

@@ -431,3 +431,25 @@ def test_auto_above_the_dense_limit_picks_rkc2(monkeypatch):
     assert traj.solver == "RKC2"
     assert bool(traj.succeeded) and float(traj.loss[-1]) <= 1e-10, float(traj.loss[-1])
     assert int(traj.stats["num_steps"]) < 20_000
+
+
+def test_smooth_relu_batch_runs_as_its_members():
+    # On the CPU a batch of a ReLU network on the smooth path runs the single-trajectory solve
+    # over its members (flowsim._members): each member bitwise its single solve; the vmapped
+    # batch (SmoothKinks(batch="vmap")) agrees to the tolerance's scale.
+    X = jr.normal(jr.key(0), (16, 3))
+    loss = flowsim.losses.square(X, X[:, :2])
+    nets = flowsim.init.batch(lambda k: MLP((3, 6, 2), "relu", key=k), 4, key=jr.key(1))
+    kw = dict(rtol=1e-8, atol=1e-8, solver="tsit5", batched=True)
+    looped = flowsim.gradient_flow(nets, loss, 2.0, kinks=flowsim.SmoothKinks(), **kw)
+    vmapped = flowsim.gradient_flow(nets, loss, 2.0, kinks=flowsim.SmoothKinks(batch="vmap"),
+                                    **kw)
+    assert looped.kinks == "smooth" and looped.loss.shape == vmapped.loss.shape == (4, 2)
+    for i in range(4):
+        one = flowsim.gradient_flow(jax.tree.map(lambda x: x[i], nets), loss, 2.0,
+                                    kinks="smooth", rtol=1e-8, atol=1e-8, solver="tsit5")
+        assert tree_max_abs_diff(looped[i].models, one.models) == 0.0
+        assert int(looped.stats["num_steps"][i]) == int(one.stats["num_steps"])
+    assert tree_max_abs_diff(looped.models, vmapped.models) <= 1e-6
+    with pytest.raises(ValueError, match="batch"):
+        flowsim.SmoothKinks(batch="threads")

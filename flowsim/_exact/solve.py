@@ -2,9 +2,7 @@
 loop (`driver.run`) until every trajectory is done, growing the sliding capacity when a
 trajectory needs it, and, for progress bars and checkpoints, in chunks of events."""
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import equinox as eqx
 import jax
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from .._members import batch_execution, loop_threads, map_members, members
 from . import driver
 from .checkpoint import CHECKPOINT_SECONDS, Checkpoint
 from .events import _FIRST_STEP, _carries_first
@@ -66,33 +65,6 @@ def _events(state, layout) -> Events:
                   point=jnp.asarray(np.where(valid, point, -1)), valid=jnp.asarray(valid))
 
 
-def batch_execution(execution: str) -> str:
-    """How a batch runs: `"vmap"` (one vmapped loop) or `"loop"` (the single-trajectory program
-    over the members, `loop_threads` at a time); `"auto"`: vmap on an accelerator, loop on
-    the CPU.
-
-    A vmapped loop runs every lane until its slowest member stops, and a branch that some
-    lane takes runs for all (`problem.cond`). Quickstart network, 8 members, T = 2,
-    tol 1e-8 (111-189 events each), on 2 CPU cores: 2.7 trajectories/s vmapped against
-    6.1-7.9 as a loop of single solves (benchmarks/kinks_batch.py has the table)."""
-    if execution == "auto":
-        return "loop" if jax.default_backend() == "cpu" else "vmap"
-    return execution
-
-
-def loop_threads(members: int, progress: bool, checkpoint) -> int:
-    """Threads a batch run as a loop uses: one per CPU core (at most one per member), each
-    running the compiled single-trajectory program on its members (XLA releases the GIL);
-    one with a progress bar or a checkpoint (Ctrl-C saves the member being solved).
-
-    The program is a chain of small operations that keeps one core busy: on 2 cores, 16
-    members of the quickstart network ran at 13.3 trajectories/s on two threads against 7.3
-    on one (1.81x), with bitwise-equal results."""
-    if progress or checkpoint is not None:
-        return 1
-    return max(1, min(members, os.cpu_count() or 1))
-
-
 def _member_path(path, tag):
     import pathlib
 
@@ -110,21 +82,16 @@ def exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps, 
     if batched and batch_execution(execution) == "loop":
         size = jax.tree.leaves(params)[0].shape[0]
 
-        def member(i):
+        def member(item):
+            i, p = item
             return _exact_flow(
-                jax.tree.map(lambda x: x[i], params), static, loss, t0, t1, ts, solver,
-                controller, max_steps, max_events, False, progress=progress,
+                p, static, loss, t0, t1, ts, solver, controller, max_steps, max_events, False,
+                progress=progress,
                 checkpoint=None if checkpoint is None else _member_path(checkpoint, i),
                 capacity=capacity, label=f"member {i}")
 
-        threads = loop_threads(size, progress, checkpoint)
-        if threads == 1:
-            outs = [member(i) for i in range(size)]
-        else:  # member 0 first: it compiles the program that the others then share
-            outs = [member(0)]
-            with ThreadPoolExecutor(threads) as pool:
-                outs += list(pool.map(member, range(1, size)))
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return map_members(member, list(enumerate(members(params, size))),
+                           loop_threads(size, progress, checkpoint))
     return _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps,
                        max_events, batched, progress=progress, checkpoint=checkpoint,
                        capacity=capacity)
