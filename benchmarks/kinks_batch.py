@@ -11,7 +11,9 @@ with Tsit5 at rtol = atol = 1e-8 (~110-190 events per member). Columns, all in o
 - `loop`: a Python loop of single `gradient_flow` calls (new path);
 - `host loop`: the previous per-member path, `flowsim._exact.host.kink_flow`, one Python iteration
   per event (timed on min(B, --host-cap) members: its cost per member does not depend on B);
-- `smooth batch` / `smooth loop`: the smooth path (`kinks="smooth"`) batched and looped.
+- `smooth batch (auto)` / `smooth batch (vmap)` / `smooth loop`: the smooth path
+  (`SmoothKinks()`: on the CPU its members on threads; `SmoothKinks(batch="vmap")`), and a
+  loop of its single calls.
 
 Before timing, member 0 of each batched call must match its single solve (relative 1e-10;
 the exact paths also have identical event counts). Every figure is compiled first (warm-up),
@@ -85,17 +87,19 @@ def measure(B, args, repeats, first):
     checks = {"auto": exact, "smooth": smooth}
     if jax.default_backend() != "cpu" or B <= args.vmap_cap:
         checks["vmap"] = vmapped
+        checks["smooth_vmap"] = flowsim.SmoothKinks(batch="vmap")
     timings = {}
     for name, kinks in checks.items():
         tic = time.perf_counter()
         out = flow(nets, loss, kinks)
         first.setdefault(f"batch_{name}_first_call_s_B{B}", time.perf_counter() - tic)
-        one = ref if name != "smooth" else flow(member(nets, 0), loss, smooth, batched=False)
+        one = flow(member(nets, 0), loss, smooth, batched=False) if name.startswith("smooth") \
+            else ref
         got = flat(out[0].final_model())
         want = flat(one.final_model())
         rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
         assert rel <= 1e-10, (name, B, rel)
-        if name != "smooth":
+        if not name.startswith("smooth"):
             assert int(out.stats["num_events"][0]) == int(ref.stats["num_events"])
         timings[name] = _common.timeit(lambda kinks=kinks: flow(nets, loss, kinks).models,
                                        repeats=repeats, warmup=0)["median_s"]
@@ -118,7 +122,7 @@ def measure(B, args, repeats, first):
                batch_vs_loop=timings["loop"] / timings["auto"])
     return rec, [B, f"{events.min()}-{events.max()}", tps["auto"], tps.get("vmap"),
                  tps["loop"], tps["host_loop"], rec["speedup_batch_vs_host_loop"],
-                 tps["smooth"], tps["smooth_loop"]]
+                 tps["smooth"], tps.get("smooth_vmap"), tps["smooth_loop"]]
 
 
 def main():
@@ -138,8 +142,8 @@ def main():
         records.append(rec)
         rows.append(row)
     headers = ["B", "events", "batch (auto) traj/s", "batch (vmap) traj/s", "loop traj/s",
-               "host loop traj/s", "batch / host loop", "smooth batch traj/s",
-               "smooth loop traj/s"]
+               "host loop traj/s", "batch / host loop", "smooth batch (auto) traj/s",
+               "smooth batch (vmap) traj/s", "smooth loop traj/s"]
     table = _common.table(headers, rows,
                           title=f"exact kinks, quickstart network, T = {T:g}, tol {TOL:g}, "
                                 f"{jax.default_backend()}")

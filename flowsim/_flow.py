@@ -359,18 +359,19 @@ def _smooth_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max
         call = bound.get(bool(progress)) if token is None else None
         if call is None and loop_members and token is None and not progress and \
                 not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+            # Not kept in `bound`: the members' slices are copies of the batch.
             call = functools.partial(map_members, lambda f: f(), [  # flattened here, run there
                 bind(_flow_solve, p, static, loss, solver, controller, t0, t1, ts, dt0,
                      max_steps, False, None, False, gap_drift) for p in members(params, batch)],
                 loop_threads(batch))
-        if call is None:
+        elif call is None:
             call = bind(
                 _flow_solve, params, static, loss, solver, controller, t0, t1, ts, dt0,
                 max_steps, batch is not None,
                 None if token is None else np.asarray(token, np.int32), bool(progress),
                 gap_drift)
-        if token is None:
-            bound[bool(progress)] = call
+            if token is None:
+                bound[bool(progress)] = call
         saved, losses, result, stats, y_end = call()
         jax.block_until_ready((saved, stats))
     finally:

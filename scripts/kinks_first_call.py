@@ -1,0 +1,82 @@
+"""A small exact-kink solve's first call, split into where its time goes: tracing, lowering and
+XLA compilation of the event loop (per sliding capacity it compiles), then the second call.
+
+Problem: a 3 -> 7 -> 5 -> 2 ReLU MLP with biases on 9 Gaussian points, square loss, Tsit5 at
+rtol = atol = 1e-8 to t = 20 (23 events, up to 4 entries sliding). Run it in a fresh process:
+the first call is what a new user's first solve costs.
+
+    python scripts/kinks_first_call.py [--capacity 0] [--t1 20] [--out F.json]
+"""
+
+import argparse
+import json
+import logging
+import pathlib
+import re
+import time
+
+import jax
+import jax.random as jr
+
+import flowsim
+from flowsim.models import MLP
+
+
+class _Timings(logging.Handler):
+    """Sums JAX's "Finished <stage> ... in <s> sec" log lines by stage and function."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.seconds = {}
+
+    def emit(self, record):
+        m = re.search(r"Finished (.*?) in ([0-9.e-]+) sec", record.getMessage())
+        if m:
+            self.seconds[m.group(1)] = self.seconds.get(m.group(1), 0.0) + float(m.group(2))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--capacity", type=int, default=0, help="first sliding capacity (default 0)")
+    p.add_argument("--t1", type=float, default=20.0)
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parents[1]
+                   / "benchmarks" / "results" / "kinks_first_call.json")
+    args = p.parse_args()
+    timings = _Timings()
+    for name in ("jax._src.dispatch", "jax._src.interpreters.pxla", "jax._src.compiler"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(timings)
+    jax.config.update("jax_log_compiles", True)
+    logging.getLogger("jax").propagate = False
+    X, Y = jr.normal(jr.key(0), (9, 3)), jr.normal(jr.key(1), (9, 2))
+    net = MLP((3, 7, 5, 2), "relu", use_bias=True, init_std=(0.7, 0.7, 0.7), key=jr.key(2))
+    loss = flowsim.losses.square(X, Y)
+    kinks = flowsim.ExactKinks(capacity=args.capacity)
+
+    def solve():
+        return flowsim.gradient_flow(net, loss, args.t1, kinks=kinks, rtol=1e-8, atol=1e-8)
+
+    tic = time.perf_counter()
+    traj = solve()
+    first = time.perf_counter() - tic
+    tic = time.perf_counter()
+    solve()
+    second = time.perf_counter() - tic
+    print(f"first call {first:.1f} s, second {second:.2f} s; "
+          f"{int(traj.stats['num_events'])} events, "
+          f"{int(traj.stats['num_sliding_max'])} entries sliding at most")
+    stages = dict(sorted(timings.seconds.items(), key=lambda kv: -kv[1])[:6])
+    for stage, s in stages.items():
+        print(f"{s:7.2f} s  {stage}")
+    args.out.write_text(json.dumps({
+        "problem": "3-7-5-2 ReLU MLP with biases, 9 points, square loss, Tsit5 rtol=atol=1e-8",
+        "t1": args.t1, "capacity": args.capacity, "first_call_s": first, "second_call_s": second,
+        "events": int(traj.stats["num_events"]),
+        "sliding_max": int(traj.stats["num_sliding_max"]), "largest_stages_s": stages,
+        "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
+    }, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
