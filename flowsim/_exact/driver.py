@@ -294,7 +294,10 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
     """z_j' with entry j active and with it inactive, the sliding entries `idx[:n]` at their
     slopes: while the sliding set is the last piece's, from its guess (chord iterations, one
     residual each); else by Newton from 0."""
-    problem, dtype, k = ctx.problem, s.z.dtype, s.capacity
+    dtype, k = s.z.dtype, s.capacity
+    # The two sides are one vmapped evaluation: its conditionals must stay conditionals
+    # (`problem.cond`), or both branches of each run (Newton's with the chord's).
+    problem = dataclasses.replace(ctx.problem, vmapped=True)
     same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
     _, point, _, col = ctx.layout.locate(j)
 
