@@ -294,10 +294,12 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
     """z_j' with entry j active and with it inactive, the sliding entries `idx[:n]` at their
     slopes: while the sliding set is the last piece's, from its guess (chord iterations, one
     residual each); else by Newton from 0."""
-    dtype, k = s.z.dtype, s.capacity
-    # The two sides are one vmapped evaluation: its conditionals must stay conditionals
-    # (`problem.cond`), or both branches of each run (Newton's with the chord's).
-    problem = dataclasses.replace(ctx.problem, vmapped=True)
+    problem, dtype, k = ctx.problem, s.z.dtype, s.capacity
+    # The two sides are one vmapped evaluation. The slope iterations' conditionals depend on
+    # the side: they must stay conditionals (`problem.cond` with `vmapped`), or both branches
+    # of each run (Newton's with the chord's). Those that do not depend on it stay
+    # conditionals under vmap as they are (`problem.cond` for a batch of trajectories).
+    per_side = dataclasses.replace(problem, vmapped=True)
     same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
     _, point, _, col = ctx.layout.locate(j)
 
@@ -306,10 +308,11 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
 
         def with_slopes():
             def guessed():
-                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype, s.lam, s.pinv))
+                return solve_slopes(per_side, s.p, m,
+                                    ctx.sliding(idx, n, dtype, s.lam, s.pinv))
 
             def fresh():
-                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
+                return solve_slopes(per_side, s.p, m, ctx.sliding(idx, n, dtype))
 
             m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
             return m_s, field
