@@ -49,7 +49,7 @@ class _Sliding(eqx.Module):
     pinv: jax.Array | None = None
 
 
-def solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
+def _solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
     """The sliding entries' slopes chosen so that z_idx' = 0, and the vector field there.
 
     Returns `(mask with the slopes, slopes, field)`. z_idx' is affine in each slope but
@@ -119,6 +119,13 @@ def solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
         J = problem.cond(newton_ran, lambda: J, lambda: masked(jac(lam)), rare="false")
         return lam, problem._inverse(J)
     return with_slopes(lam), lam, field_at(lam)
+
+
+# Traced once per kind of call (its arguments' shapes and static choices) and called from
+# every place the event loop needs the slopes (the vector field, the release condition, an
+# event's one-sided rates, ...): the loop's program is traced and lowered with one copy of
+# each, where it was traced at each of ~20 places.
+solve_slopes = eqx.filter_jit(_solve_slopes)
 
 
 def _iterate(problem, residual, jac, masked, start, restart, pinv, eye):
