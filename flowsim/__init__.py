@@ -17,6 +17,7 @@ from . import (
     schedules as schedules,
     sweep as sweep,
 )
+from ._cache import enable_compilation_cache as enable_compilation_cache
 from ._chebyshev import RKC2 as RKC2
 from ._compare import (
     DiscretizationError as DiscretizationError,

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("sweep", "reproduce"):
+            _compilation_cache()
         return int(args.handler(args) or 0)
     except UsageError as e:
         print(f"flowsim {args.command}: error: {e}", file=sys.stderr)
@@ -39,6 +41,17 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stdout = None
         return 141
+
+
+def _compilation_cache() -> None:
+    """Compiled programs kept on disk for the next run (`flowsim.enable_compilation_cache`:
+    `$FLOWSIM_COMPILATION_CACHE`, `off` to turn it off)."""
+    from ._cache import enable_compilation_cache
+
+    try:
+        enable_compilation_cache()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

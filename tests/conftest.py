@@ -13,6 +13,9 @@ os.environ.setdefault(
 # against 625 s in one process at the default optimisation level, on 2 cores). On a GPU each
 # process allocates what it uses, not 75 % of the memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The command line keeps compiled programs in ~/.cache/flowsim/jax; the suite writes nothing
+# there (tests/test_cache.py checks the setting, test_exact.py the cache itself).
+os.environ.setdefault("FLOWSIM_COMPILATION_CACHE", "off")
 
 import jax
 import jax.random as jr

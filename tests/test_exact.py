@@ -150,3 +150,44 @@ def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
 def test_exact_kinks_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         flowsim.ExactKinks(**bad)
+
+
+def test_event_loop_is_kept_by_the_persistent_compilation_cache(tmp_path):
+    # The event loop holds no host callback (diffrax's argument checks are traced off, and
+    # equinox's setting is restored after), so JAX's persistent compilation cache stores it:
+    # with the in-memory caches dropped, the same solve loads it from disk and gives the
+    # same trajectory bitwise.
+    import equinox._errors as eqx_errors
+    from jax.experimental.compilation_cache import compilation_cache
+
+    loss, net = _problem(), _member(_nets(2, 0), 1)
+    kinks = flowsim.ExactKinks(capacity=4)
+    hits = []
+
+    def listener(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    setting, cache_dir = eqx_errors.EQX_ON_ERROR, jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.monitoring.register_event_listener(listener)
+    try:
+        assert flowsim.enable_compilation_cache(tmp_path) == tmp_path
+        jax.clear_caches()
+        first = flowsim.gradient_flow(net, loss, T, kinks=kinks, **TOL)
+        assert eqx_errors.EQX_ON_ERROR == setting
+        stored = [p.name for p in tmp_path.iterdir() if p.name.startswith("jit_run-")]
+        assert len(stored) == 1, sorted(p.name for p in tmp_path.iterdir())
+        jax.clear_caches()
+        hits.clear()
+        again = flowsim.gradient_flow(net, loss, T, kinks=kinks, **TOL)
+        assert hits, "the event loop was compiled again, not loaded"
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()
+    assert int(first.stats["num_events"]) >= 1
+    for a, b in zip(jax.tree.leaves(eqx.filter(first.models, eqx.is_inexact_array)),
+                    jax.tree.leaves(eqx.filter(again.models, eqx.is_inexact_array))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert _rows(first.events) == _rows(again.events)

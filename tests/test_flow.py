@@ -446,7 +446,7 @@ def test_smooth_relu_batch_runs_as_its_members():
                                     **kw)
     assert looped.kinks == "smooth" and looped.loss.shape == vmapped.loss.shape == (4, 2)
     for i in range(4):
-        one = flowsim.gradient_flow(jax.tree.map(lambda x: x[i], nets), loss, 2.0,
+        one = flowsim.gradient_flow(jax.tree.map(lambda x, i=i: x[i], nets), loss, 2.0,
                                     kinks="smooth", rtol=1e-8, atol=1e-8, solver="tsit5")
         assert tree_max_abs_diff(looped[i].models, one.models) == 0.0
         assert int(looped.stats["num_steps"][i]) == int(one.stats["num_steps"])
