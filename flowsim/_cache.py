@@ -19,8 +19,8 @@ def enable_compilation_cache(path=None) -> pathlib.Path | None:
     """Keeps compiled programs on disk (JAX's persistent compilation cache), so that a later
     process with the same shapes, solver and versions skips XLA's compilation.
 
-    On 2 CPU cores the exact-kink event loop of a small network takes ~8 s to compile, of a
-    ~17 s first call (`scripts/kinks_first_call.py`); from the cache the call takes the rest.
+    On 2 CPU cores the exact-kink event loop of a small network takes ~9 s to compile, of a
+    ~15 s first call (`scripts/kinks_first_call.py`); from the cache the call takes the rest.
     `flowsim sweep` and `flowsim reproduce` call this at start.
 
     **Arguments:**

@@ -334,11 +334,11 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
     slopes: while the sliding set is the last piece's, from its guess (chord iterations, one
     residual each); else by Newton from 0."""
     problem, dtype, k = ctx.problem, s.z.dtype, s.capacity
-    # The two sides are one vmapped evaluation. The slope iterations' conditionals depend on
-    # the side: they must stay conditionals (`problem.cond` with `vmapped`), or both branches
-    # of each run (Newton's with the chord's). Those that do not depend on it stay
-    # conditionals under vmap as they are (`problem.cond` for a batch of trajectories).
-    per_side = dataclasses.replace(problem, vmapped=True)
+    # The two sides one after the other (`lax.map`), each through the same traced slope solve
+    # as the rest of the loop. As one vmapped evaluation the slope solve is batched anew (a
+    # second, larger copy in the program): the small solve of `scripts/kinks_first_call.py`
+    # took ~2 s longer on its first call (tracing 3.5 s against 2.5 s, XLA 10.3 s against
+    # 9.0 s), for no measurable gain per event (8 quickstart members: 842 against 850 ms).
     same = (n == s.n) & jnp.all(jnp.where(pos < n, idx == s.idx, True))
     _, point, _, col = ctx.layout.locate(j)
 
@@ -347,11 +347,11 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
 
         def with_slopes():
             def guessed():
-                return solve_slopes(per_side, s.p, m,
+                return solve_slopes(problem, s.p, m,
                                     ctx.sliding(idx, n, dtype, s.lam, s.pinv))
 
             def fresh():
-                return solve_slopes(per_side, s.p, m, ctx.sliding(idx, n, dtype))
+                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
 
             m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
             return m_s, field
@@ -362,7 +362,7 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
             m_f, field = m, problem.field(s.p, m)
         return jax.jvp(lambda q: problem.rows(q, m_f, point[None]), (s.p,), (field,))[1][0, col]
 
-    return jax.vmap(zdot)(jnp.array([1.0, 0.0], dtype))
+    return lax.map(zdot, jnp.array([1.0, 0.0], dtype))
 
 
 def _settle_slopes(ctx, s: ExactState, delta, pos, same, marks, idx, n, stats, rec):
