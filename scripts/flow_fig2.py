@@ -54,7 +54,8 @@ def main():
         row = {
             **{k: float(v) for k, v in traj.stats.items()},
             "wall_s": wall,
-            "result": int(traj.result._value),
+            "succeeded": bool(traj.succeeded),
+            "result": flowsim.RESULTS[traj.result],
             "loss_t0": float(traj.loss[0]),
             "loss_t1": float(traj.loss[-1]),
             "layer_gap_drift_abs": [float(d) for d in drift],

@@ -19,6 +19,7 @@ def cache_config():
     """JAX's cache directory as it was, restored after the test."""
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
     yield
     jax.config.update("jax_compilation_cache_dir", before)
     compilation_cache.reset_cache()

@@ -170,6 +170,7 @@ def test_event_loop_is_kept_by_the_persistent_compilation_cache(tmp_path):
 
     setting, cache_dir = eqx_errors.EQX_ON_ERROR, jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()  # a cache set up before would take the entries
     jax.monitoring.register_event_listener(listener)
     try:
         assert flowsim.enable_compilation_cache(tmp_path) == tmp_path

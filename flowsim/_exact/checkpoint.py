@@ -49,10 +49,7 @@ class Checkpoint(_Checkpoint):
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint: {self.path} is not a flowsim checkpoint of the "
                              f"exact path ({e}); delete it or pass another path") from None
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"checkpoint: {self.path} holds the solve of a different problem "
-                             f"(model, data, times, solver or tolerances differ); delete it or "
-                             f"pass another path")
+        self.check_fingerprint(meta)
         shapes = like(capacity, saved_records)
         leaves, treedef = jax.tree.flatten(shapes)
         state = jax.tree.unflatten(

@@ -94,6 +94,13 @@ class _Checkpoint:
         self.last_save = time.perf_counter()
         self.history = []
 
+    def check_fingerprint(self, meta):
+        """Refuses a file written by the solve of another problem."""
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"checkpoint: {self.path} holds the solve of a different problem "
+                             f"(model, data, times, solver or tolerances differ); delete it or "
+                             f"pass another path")
+
     def load(self):
         """The saved state as a dict, or None if there is no file."""
         if not os.path.exists(self.path):
@@ -105,10 +112,7 @@ class _Checkpoint:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint: {self.path} is not a flowsim checkpoint ({e}); "
                              f"delete it or pass another path") from None
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"checkpoint: {self.path} holds the solve of a different problem "
-                             f"(model, data, times, solver or tolerances differ); delete it or "
-                             f"pass another path")
+        self.check_fingerprint(meta)
 
         def tree(prefix, n):
             return jax.tree.unflatten(self.treedef, [data[f"{prefix}{i}"] for i in range(n)])
