@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import warnings
 
 import jax
 
@@ -28,13 +29,15 @@ def enable_compilation_cache(path=None) -> pathlib.Path | None:
     - `path`: the cache directory. Default: `$FLOWSIM_COMPILATION_CACHE` if set (`off` turns
       the cache off), else `default_cache_dir()`.
 
-    **Returns** the directory in use, or None when the cache stays off. A directory JAX was
-    already given (`JAX_COMPILATION_CACHE_DIR`, `jax.config.jax_compilation_cache_dir`) is
-    kept, not replaced.
+    **Returns** the directory in use, or None when the cache stays off (a default directory
+    that cannot be created: with a warning; a directory given that cannot: `ValueError`). A
+    directory JAX was already given (`JAX_COMPILATION_CACHE_DIR`,
+    `jax.config.jax_compilation_cache_dir`) is kept, not replaced.
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
         return pathlib.Path(current)
+    default = path is None and not os.environ.get(CACHE_ENV)
     if path is None:
         path = os.environ.get(CACHE_ENV) or default_cache_dir()
     if str(path).strip().lower() in ("off", "0", "none", ""):
@@ -43,7 +46,11 @@ def enable_compilation_cache(path=None) -> pathlib.Path | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"compilation cache: cannot create {str(path)!r} ({e.strerror}); "
-                         f"set {CACHE_ENV} to a writable directory or to 'off'") from None
+        msg = (f"compilation cache: cannot create {str(path)!r} ({e.strerror}); set "
+               f"{CACHE_ENV} to a writable directory or to 'off'")
+        if default:  # the default place is a convenience: go on without it
+            warnings.warn(msg + "; compiling without it", stacklevel=2)
+            return None
+        raise ValueError(msg) from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     return path

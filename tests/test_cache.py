@@ -65,3 +65,14 @@ def test_command_line_turns_the_cache_on(tmp_path, monkeypatch, capsys, cache_co
     rc = cli_main(["sweep", str(EXAMPLE), "--dry-run", "--out", str(tmp_path / "o")])
     assert rc == 0, capsys.readouterr().err
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cli")
+
+
+def test_default_directory_that_cannot_be_made_warns_and_goes_on(tmp_path, monkeypatch,
+                                                                 cache_config):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.delenv(_cache.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.warns(UserWarning, match="compiling without it"):
+        assert flowsim.enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
