@@ -1,9 +1,12 @@
 """XLA's persistent compilation cache: compiled programs kept on disk for later processes."""
 
+import contextlib
 import os
 import pathlib
+import threading
 import warnings
 
+import equinox._errors as _eqx_errors
 import jax
 
 # Where the command line keeps compiled programs unless told otherwise.
@@ -54,3 +57,46 @@ def enable_compilation_cache(path=None) -> pathlib.Path | None:
         raise ValueError(msg) from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     return path
+
+
+# diffrax's run-time checks of a solve's arguments (`diffeqsolve`: dt0's sign, the save
+# times' order and range), by the start of their messages.
+_PROVEN = ("Must have (t1 - t0) * dt0 >= 0", "saveat.ts must be increasing or decreasing.",
+           "saveat.ts must lie between t0 and t1.")
+_SKIP = {"depth": 0, "original": None}
+_SKIP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def proven_solve_checks():
+    """Within it, `diffeqsolve`'s checks of its arguments are not traced: for solves whose
+    arguments are valid by construction (dt0 >= 0 towards t1 >= t0; save times
+    non-decreasing within [t0, t1]).
+
+    With traced arguments each check is an `equinox.error_if`, a host callback, and JAX's
+    persistent compilation cache stores no program with one: the exact-kink event loop and
+    the smooth solve (their times are traced) could not be cached. Only those three checks,
+    recognised by their messages, are skipped; every other `error_if` is traced as before
+    (equinox's own setting untouched, so nothing cached elsewhere changes). Where equinox or
+    diffrax name them otherwise nothing is skipped and only the caching is lost."""
+    if not callable(getattr(_eqx_errors, "branched_error_if_impl_jit", None)):
+        yield
+        return
+    with _SKIP_LOCK:
+        if _SKIP["depth"] == 0:
+            original = _SKIP["original"] = _eqx_errors.branched_error_if_impl_jit
+
+            def checked(x, pred, index, msgs, *args, **kwargs):
+                if len(msgs) == 1 and str(msgs[0]).startswith(_PROVEN):
+                    return x
+                return original(x, pred, index, msgs, *args, **kwargs)
+
+            _eqx_errors.branched_error_if_impl_jit = checked
+        _SKIP["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SKIP_LOCK:
+            _SKIP["depth"] -= 1
+            if _SKIP["depth"] == 0:
+                _eqx_errors.branched_error_if_impl_jit = _SKIP["original"]

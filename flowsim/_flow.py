@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import invariants as inv
+from ._cache import proven_solve_checks
 from ._counting import close_counts, counting_field, open_counts
 from ._divergence import divergence_probe, mark_divergence
 from ._exact.solve import exact_flow
@@ -59,17 +60,20 @@ def _flow_solve(params, static, loss, solver, controller, t0, t1, ts, dt0, max_s
         else:
             field = counting_field(grad, token, member)
         term = dfx.ODETerm(lambda t, q, args: field(q))
-        sol = dfx.diffeqsolve(
-            term, solver, t0, t1, dt0, p,
-            saveat=dfx.SaveAt(subs=[
-                dfx.SubSaveAt(ts=ts),
-                dfx.SubSaveAt(t1=True, fn=lambda t, y, args: (t, y)),
-            ]),
-            stepsize_controller=controller,
-            max_steps=max_steps,
-            throw=False,
-            progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
-        )
+        # The arguments are checked on the host (`_check_times`, `_check_dt0`): diffrax's
+        # traced checks of them would keep the program out of the compilation cache.
+        with proven_solve_checks():
+            sol = dfx.diffeqsolve(
+                term, solver, t0, t1, dt0, p,
+                saveat=dfx.SaveAt(subs=[
+                    dfx.SubSaveAt(ts=ts),
+                    dfx.SubSaveAt(t1=True, fn=lambda t, y, args: (t, y)),
+                ]),
+                stepsize_controller=controller,
+                max_steps=max_steps,
+                throw=False,
+                progress_meter=dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter(),
+            )
         saved, (t_reached, y_end) = sol.ys
         losses = jax.vmap(lambda q: loss(eqx.combine(q, static)))(saved)
         stats = {
@@ -161,6 +165,7 @@ def gradient_flow(
     ```
     """
     t0, t1, ts_arr = _check_times(t0, t1, ts, max_steps)
+    _check_dt0(dt0)
     rtol, atol = _tolerances(stepsize_controller, rtol, atol)
     plan = _prepare(model, loss, t0, t1, ts_arr, solver, stepsize_controller, rtol, atol,
                     max_steps, dt0, batched, kinks, count_evals)
@@ -281,6 +286,19 @@ def _solver(solver, model, loss, t0, t1, n_params, batched, atol):
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(f"`solver` must be a diffrax solver or a name in {SOLVERS}, got {solver!r}")
     return solver
+
+
+def _check_dt0(dt0):
+    """A ValueError unless `dt0` is None or a positive finite step."""
+    if dt0 is None:
+        return
+    try:
+        step = float(dt0)
+    except (TypeError, ValueError):
+        step = math.nan
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"`dt0` must be a positive finite first step, got {dt0!r}; pass one "
+                         f"or leave it None (the step-size controller picks it)")
 
 
 def _check_times(t0, t1, ts, max_steps):

@@ -118,7 +118,12 @@ def test_solvers_refuse_non_finite_initial_model(solve, batched, bad):
     ({"ts": [0.0, math.nan, 0.1]}, r"`ts` must hold finite times, got nan at index 1"),
     ({"ts": [0.0, 0.05, math.inf]}, r"`ts` must hold finite times, got inf at index 2"),
     ({"ts": np.array([-math.inf, 0.1])}, r"`ts` must hold finite times, got -inf at index 0"),
-], ids=["t0-nan", "t0-inf", "t1-nan", "t1-inf", "ts-nan", "ts-inf", "ts-neginf"])
+    ({"dt0": -0.1}, r"`dt0` must be a positive finite first step, got -0.1; pass one or leave "
+                    r"it None"),
+    ({"dt0": 0.0}, r"`dt0` must be a positive finite first step, got 0.0"),
+    ({"dt0": math.nan}, r"`dt0` must be a positive finite first step, got nan"),
+], ids=["t0-nan", "t0-inf", "t1-nan", "t1-inf", "ts-nan", "ts-inf", "ts-neginf", "dt0-neg",
+        "dt0-zero", "dt0-nan"])
 def test_flow_refuses_non_finite_times(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _flow(_net(), _loss(), **kwargs)

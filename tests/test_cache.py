@@ -76,3 +76,46 @@ def test_default_directory_that_cannot_be_made_warns_and_goes_on(tmp_path, monke
     with pytest.warns(UserWarning, match="compiling without it"):
         assert flowsim.enable_compilation_cache() is None
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_smooth_flow_program_is_stored(tmp_path, cache_config):
+    # The smooth solve's arguments are checked on the host, so its program holds no host
+    # callback and the cache keeps it.
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        flowsim.enable_compilation_cache(tmp_path)
+        jax.clear_caches()
+        mf = flowsim.models.MatrixFactorization.random(3, 3, 2, scale=0.1, key=jr.key(5))
+        traj = flowsim.gradient_flow(mf, flowsim.losses.factorization(jnp.eye(3)), 0.5,
+                                     solver="tsit5", dt0=0.01)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    assert bool(traj.succeeded)
+    assert any(p.name.startswith("jit__flow_solve-") for p in tmp_path.iterdir()), \
+        sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_proven_checks_skip_only_the_solve_argument_checks():
+    # Inside `proven_solve_checks` diffrax's check of dt0's sign is not traced (a negative
+    # dt0 runs); any other `error_if` is, and outside it the same check raises again.
+    import diffrax as dfx
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    def solve(dt0):
+        return dfx.diffeqsolve(dfx.ODETerm(lambda t, y, a: -y), dfx.Euler(), 0.0, 1.0, dt0,
+                               jnp.array(1.0), max_steps=4, throw=False).ys
+
+    def other(x):
+        return eqx.error_if(x, x < 0, "x must be >= 0")
+
+    with _cache.proven_solve_checks():
+        jax.block_until_ready(jax.jit(solve)(jnp.array(-0.5)))
+        with pytest.raises(Exception, match="x must be >= 0"):
+            jax.block_until_ready(jax.jit(other)(jnp.array(-1.0)))
+    with pytest.raises(Exception, match=r"dt0 >= 0"):
+        jax.block_until_ready(jax.jit(lambda d: solve(d) + 0.0)(jnp.array(-0.5)))

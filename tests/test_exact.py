@@ -153,8 +153,8 @@ def test_exact_kinks_arguments(bad, match):
 
 
 def test_event_loop_is_kept_by_the_persistent_compilation_cache(tmp_path):
-    # The event loop holds no host callback (diffrax's argument checks are traced off, and
-    # equinox's setting is restored after), so JAX's persistent compilation cache stores it:
+    # The event loop holds no host callback (diffrax's argument checks are not traced, and
+    # equinox is as it was after), so JAX's persistent compilation cache stores it:
     # with the in-memory caches dropped, the same solve loads it from disk and gives the
     # same trajectory bitwise.
     import equinox._errors as eqx_errors
@@ -168,7 +168,7 @@ def test_event_loop_is_kept_by_the_persistent_compilation_cache(tmp_path):
         if event == "/jax/compilation_cache/cache_hits":
             hits.append(event)
 
-    setting, cache_dir = eqx_errors.EQX_ON_ERROR, jax.config.jax_compilation_cache_dir
+    impl, cache_dir = eqx_errors.branched_error_if_impl_jit, jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()  # a cache set up before would take the entries
     jax.monitoring.register_event_listener(listener)
@@ -176,7 +176,7 @@ def test_event_loop_is_kept_by_the_persistent_compilation_cache(tmp_path):
         assert flowsim.enable_compilation_cache(tmp_path) == tmp_path
         jax.clear_caches()
         first = flowsim.gradient_flow(net, loss, T, kinks=kinks, **TOL)
-        assert eqx_errors.EQX_ON_ERROR == setting
+        assert eqx_errors.branched_error_if_impl_jit is impl
         stored = [p.name for p in tmp_path.iterdir() if p.name.startswith("jit_run-")]
         assert len(stored) == 1, sorted(p.name for p in tmp_path.iterdir())
         jax.clear_caches()

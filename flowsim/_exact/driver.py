@@ -16,17 +16,15 @@ chunks, for progress and checkpoints). Whatever the chunks, the states are the s
 starts from a state at an iteration boundary and the iterations depend on nothing else.
 """
 
-import contextlib
 import dataclasses
-import threading
 
 import diffrax as dfx
 import equinox as eqx
-import equinox._errors as _eqx_errors
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._cache import proven_solve_checks
 from .events import _FIRST_STEP_GROWTH, _ParamsNorm, _split, _WithFirst
 from .illinois import _ROOT_FINDER
 from .sliding import _RELEASE_TOL, slope_guess, solve_slopes
@@ -113,41 +111,6 @@ def _release_cond(t, y, args, **kwargs):
                                 lambda: _release_value(y, args), rare="false")
 
 
-# Pieces being traced with the checks off (`_argument_checks_off`) and the setting before.
-_CHECKS_OFF = {"depth": 0, "before": None}
-_CHECKS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _argument_checks_off():
-    """diffrax's run-time checks of a solve's arguments off while a piece is traced.
-
-    A piece's arguments are traced, so `diffeqsolve` checks dt0's sign and the save times'
-    order and range at run time, each by an `equinox.error_if`: a host callback, and JAX's
-    persistent compilation cache stores no program with one. `_piece` guarantees all three by
-    construction (dt0 >= 0 towards t_end >= t; the save times are the caller's, validated
-    non-decreasing in [t0, t1] by `gradient_flow`, clipped into [t, t_end]), so they are
-    traced with equinox's `on_error` at "off" (its `EQX_ON_ERROR`) and the event loop is
-    cached like any program: a later process skips its XLA compilation. Threads tracing
-    pieces at once share one switch (a count); where equinox keeps the setting elsewhere
-    nothing changes but the caching."""
-    if not hasattr(_eqx_errors, "EQX_ON_ERROR"):
-        yield
-        return
-    with _CHECKS_LOCK:
-        if _CHECKS_OFF["depth"] == 0:
-            _CHECKS_OFF["before"] = _eqx_errors.EQX_ON_ERROR
-            _eqx_errors.EQX_ON_ERROR = "off"
-        _CHECKS_OFF["depth"] += 1
-    try:
-        yield
-    finally:
-        with _CHECKS_LOCK:
-            _CHECKS_OFF["depth"] -= 1
-            if _CHECKS_OFF["depth"] == 0:
-                _eqx_errors.EQX_ON_ERROR = _CHECKS_OFF["before"]
-
-
 def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
     """Integrates the next smooth piece from `s` (to the first event or t1). Trajectories
     that are done run a piece of length 0."""
@@ -168,7 +131,7 @@ def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
     # piece runs again with the two as one (`combined`).
     event = dfx.Event((_crossing_cond, _release_cond), root_finder=_ROOT_FINDER,
                       direction=False)
-    with _argument_checks_off():
+    with proven_solve_checks():
         sol = dfx.diffeqsolve(
             dfx.ODETerm(_vector_field), solver, s.t, t_end, dt0, y0, args=args,
             saveat=dfx.SaveAt(subs=[dfx.SubSaveAt(ts=jnp.clip(ts, s.t, t_end)),
