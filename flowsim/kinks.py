@@ -92,7 +92,9 @@ class ExactKinks(AbstractKinks):
       core), `"auto"` (default): vmap on an accelerator, loop on the CPU
       (`flowsim._members.batch_execution` and `loop_threads` have the measurements).
     - `capacity`: the first static capacity of the sliding set (0: the loop compiles without
-      the sliding solves until something slides; it grows to 8, 16, 32, ...).
+      the sliding solves until something slides; it grows to 8, 16, 32, ...; a single
+      solve's capacity comes down again, to no less than 8, when the set falls to a quarter
+      of it: an event's cost follows the capacity).
 
     **Example:**
 

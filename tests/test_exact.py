@@ -102,6 +102,42 @@ def test_capacity_grows_and_compiles_at_most_log2():
     assert gap <= 1e-12
 
 
+def test_capacity_shrinks_with_the_sliding_set(monkeypatch):
+    # A single solve whose sliding set holds at most a quarter of its capacity moves to the
+    # smallest capacity that holds twice the set (never below 8), once the event is handled;
+    # a vmapped batch keeps one capacity. Events identical, states to 1e-12.
+    from flowsim._exact.state import next_capacity, shrinks
+
+    assert [next_capacity(64, n) for n in (0, 3, 4, 5, 16, 17)] == [8, 8, 8, 16, 32, 128]
+    assert [bool(shrinks(k, 2)) for k in (8, 16)] == [False, True]
+    seen = []
+
+    def recording(state, capacity):
+        seen.append((state.capacity, capacity, int(jnp.max(state.n)),
+                     bool(jnp.any(state.pending))))
+        return repad(state, capacity)
+
+    repad = solve.repad
+    monkeypatch.setattr(solve, "repad", recording)
+    loss = _problem()
+    net = _member(_nets(16, 0), 3)
+    small = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=8), **TOL)
+    assert seen == []
+    assert int(small.stats["num_sliding_max"]) == 2
+    large = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(capacity=32), **TOL)
+    # Shrunk after the first event handled (nothing pending), straight to 8.
+    assert seen == [(32, 8, int(seen[0][2]), False)] and seen[0][2] <= 2
+    assert _rows(small.events) == _rows(large.events)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(eqx.filter(small.models, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(large.models, eqx.is_inexact_array))))
+    assert gap <= 1e-12
+    seen.clear()
+    flowsim.gradient_flow(_nets(2, 0), loss, T, batched=True, **TOL,
+                          kinks=flowsim.ExactKinks(capacity=32, batch="vmap"))
+    assert seen == []
+
+
 def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
     # A solve run in chunks of one event, written to its checkpoint after each, then killed and
     # resumed, ends bitwise equal to the solve run in one call.

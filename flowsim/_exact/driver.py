@@ -10,8 +10,10 @@ host loop (`host.kink_flow`, docs/kinks.md): the same vector field, event functi
 so no Python runs per event and a batch of trajectories is one vmapped loop.
 
 The loop stops when every trajectory is done, when one needs a larger sliding capacity
-(`ExactState.grow`: the caller re-pads the state and calls again, the event is handled anew
-at the larger capacity), or when every trajectory has met `stop_at` events (the caller's
+(`ExactState.resize` with `pending`: the caller re-pads the state and calls again, the event
+is handled anew at the larger capacity), when a single trajectory's sliding set has fallen
+to a quarter of the capacity (`resize` after the event: the next piece runs at a smaller
+one), or when every trajectory has met `stop_at` events (the caller's
 chunks, for progress and checkpoints). Whatever the chunks, the states are the same: a call
 starts from a state at an iteration boundary and the iterations depend on nothing else.
 """
@@ -39,6 +41,7 @@ from .state import (
     compact,
     event_weights,
     record,
+    shrinks,
     sliding_arrays,
 )
 
@@ -60,6 +63,9 @@ class _Context(eqx.Module):
     layout: eqx.Module
     per_point: bool = eqx.field(static=True)
     carry_first: bool = eqx.field(static=True)
+    # Stop for a smaller capacity when the sliding set shrinks (single trajectories: a
+    # vmapped batch shares one capacity).
+    shrink: bool = eqx.field(static=True, default=False)
 
     def sliding(self, s_idx, n, dtype, lam=None, pinv=None):
         return sliding_arrays(self.layout, s_idx, n, self.per_point, dtype, lam, pinv)
@@ -115,7 +121,7 @@ def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
     """Integrates the next smooth piece from `s` (to the first event or t1). Trajectories
     that are done run a piece of length 0."""
     problem, dtype = ctx.problem, s.z.dtype
-    active = ~s.done & ~s.grow
+    active = ~s.done & ~s.resize
     weight = event_weights(s.sign, s.offset, s.z)
     sl = ctx.sliding(s.idx, s.n, dtype, s.lam, s.pinv)
     t_end = jnp.where(active, t1, s.t)
@@ -153,7 +159,7 @@ def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):
 def _after_piece(s: ExactState, piece, ts, t1, max_events) -> ExactState:
     """Takes in a piece: saves, counters, and what ended it (event, t1, failure)."""
     ys, t_end, y_end, z, lam, res, n_steps, n_rej = piece
-    active = ~s.done & ~s.grow
+    active = ~s.done & ~s.resize
     valid = jnp.arange(s.capacity, dtype=INDEX) < s.n
     margin = jnp.min(jnp.where(valid, jnp.minimum(lam, 1 - lam), jnp.inf), initial=jnp.inf)
     release_first = (s.n > 0) & ~s.combined & (margin < -_RELEASE_TOL)
@@ -204,7 +210,9 @@ def _leave(z, delta, marks, j, side):
 
 def _handle_event(ctx, s: ExactState) -> ExactState:
     """The event that ended the last piece: releases, hits, the next piece's slopes. If the
-    sliding set would outgrow the capacity, `s` comes back unchanged but for `grow`."""
+    sliding set would outgrow the capacity, `s` comes back unchanged but for `resize` (and
+    `pending`); with `ctx.shrink`, `resize` is also set (`pending` not) when the set has
+    fallen to a quarter of the capacity."""
     dtype, k = s.z.dtype, s.capacity
     zscale = jnp.maximum(jnp.max(jnp.abs(s.z)), jnp.finfo(dtype).tiny)
     delta = _OFFSET * zscale
@@ -229,8 +237,12 @@ def _handle_event(ctx, s: ExactState) -> ExactState:
             lambda q: (q.mask, q.sign, q.offset, q.idx, q.n, q.lam, q.pinv, q.stats, q.ev_t,
                        q.ev_kind, q.ev_entry, q.n_records, q.pending),
             s, (*marks, idx, n, lam, pinv, stats, *rec, jnp.asarray(False)))
+    if ctx.shrink:
+        # The set has fallen to a quarter of the capacity: the loop stops before the next
+        # piece, which runs at a smaller capacity (`state.next_capacity`).
+        handled = eqx.tree_at(lambda q: q.resize, handled, shrinks(k, handled.n))
     return jax.tree.map(lambda a, b: jnp.where(grow, a, b),
-                        eqx.tree_at(lambda q: q.grow, s, jnp.asarray(True)), handled)
+                        eqx.tree_at(lambda q: q.resize, s, jnp.asarray(True)), handled)
 
 
 def _releases(s: ExactState, delta, pos, stats, rec):
@@ -390,7 +402,7 @@ def loop(ctx, s: ExactState, ts, t1, max_events, stop_at, solver, controller, ma
         return _after_piece(s, piece, ts, t1, max_events)
 
     def going(s):
-        return ~s.done & ~s.grow & (s.stats["num_events"] < stop_at)
+        return ~s.done & ~s.resize & (s.stats["num_events"] < stop_at)
 
     return lax.while_loop(going, body, s)
 

@@ -1,6 +1,7 @@
 """The exact flow of one trajectory or a batch: builds the loop's state, calls the compiled
-loop (`driver.run`) until every trajectory is done, growing the sliding capacity when a
-trajectory needs it, and, for progress bars and checkpoints, in chunks of events."""
+loop (`driver.run`) until every trajectory is done, resizing the sliding capacity when a
+trajectory needs it (`next_capacity`), and, for progress bars and checkpoints, in chunks of
+events."""
 
 import time
 
@@ -54,6 +55,11 @@ class Events(eqx.Module):
         return [KIND_NAMES[int(k)] for k in kind[np.asarray(self.valid)]]
 
 
+# A single solve's capacity comes down when its sliding set falls to a quarter of it
+# (`next_capacity`); off only to measure an event's cost at a fixed capacity.
+_SHRINK = True
+
+
 def _events(state, layout) -> Events:
     kind = np.asarray(state.ev_kind)
     entry = np.asarray(state.ev_entry).astype(np.int64)
@@ -76,9 +82,10 @@ def exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps, 
                batched, *, progress=False, checkpoint=None, capacity=0, execution="auto"):
     """Exact flow of `params` (a batch with `batched`). Returns `(saved, stats, result,
     events)`: the parameters at `ts`, a dict of per-trajectory statistics, the result codes,
-    and the event record (`Events`). `capacity`: the first sliding capacity (grows by
-    `next_capacity`). `execution`: how a batch runs (`batch_execution`); as a loop, each
-    member keeps its checkpoint in `<stem>-<i><suffix>`."""
+    and the event record (`Events`). `capacity`: the first sliding capacity (then
+    `next_capacity`: larger when the set outgrows it, smaller for a single solve whose set
+    has fallen to a quarter of it). `execution`: how a batch runs (`batch_execution`); as a
+    loop, each member keeps its checkpoint in `<stem>-<i><suffix>`."""
     if batched and batch_execution(execution) == "loop":
         size = jax.tree.leaves(params)[0].shape[0]
 
@@ -116,7 +123,8 @@ def _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps,
     problem = _Problem(static, loss, shapes)
     layout = Layout.of(shapes)
     ctx = driver._Context(problem, layout, _per_point(loss),
-                          _carries_first(problem, solver, controller))
+                          _carries_first(problem, solver, controller),
+                          shrink=_SHRINK and not batched)
     dtype = zs[0].dtype
     ts = jnp.asarray(ts, dtype)
     t1_j = jnp.asarray(t1, dtype)
@@ -157,8 +165,11 @@ def _exact_flow(params, static, loss, t0, t1, ts, solver, controller, max_steps,
                 raise
             if chunked and time.perf_counter() - tic < _CHUNK_SECONDS:
                 chunk *= 2
-            if bool(jnp.any(state.grow)):
-                state = repad(state, next_capacity(state.capacity))
+            if bool(jnp.any(state.resize)):
+                # Larger while an event waits for room (`pending`), else smaller.
+                grow = bool(jnp.any(state.resize & state.pending))
+                state = repad(state, next_capacity(
+                    state.capacity, None if grow else int(jnp.max(state.n))))
             if progress:
                 t_now = float(jnp.min(jnp.where(state.done, t1_j, state.t)))
                 bar.update(t_now - float(t0) - bar.n)

@@ -3,8 +3,10 @@
 The sliding set is a list of at most `capacity` flat entry indices kept in insertion order in
 a fixed-size array (`idx[:n]`; the rest is padding), so that every event is handled by array
 operations of static shape: appending writes `idx[n]`, removing shifts the tail left. The
-capacity is a power of two; a solve whose set would outgrow it stops with `grow` set and
-carries on from the same state at twice the capacity (`repad`).
+capacity is a power of two; a solve whose set would outgrow it stops with `resize` set and
+carries on from the same state at twice the capacity (`repad`); a single solve whose set has
+fallen to a quarter of it stops the same way after the event and carries on at the smallest
+capacity that holds twice the set (`next_capacity`).
 """
 
 import math
@@ -43,7 +45,8 @@ class ExactState(eqx.Module):
     - `dt0`: the next piece's first step;
     - `pending`: the last piece ended at an event not handled yet; `combined`: the last piece
       is to be run again with its crossing and release conditions as one (a release came
-      before the located crossing); `grow`: the sliding set needs a larger capacity; `done`;
+      before the located crossing); `resize`: the sliding set needs another capacity (a larger
+      one: the event is handled anew there; or, after the event, a smaller one); `done`;
     - `result`: diffrax's code, or `MAX_EVENTS` / `STOPPED_EARLY`;
     - `out`, `filled`: the parameters at the save times, and which were passed;
     - `stats`: counters (`STAT_NAMES`);
@@ -65,7 +68,7 @@ class ExactState(eqx.Module):
     dt0: Float[Array, ""]
     pending: Bool[Array, ""]
     combined: Bool[Array, ""]
-    grow: Bool[Array, ""]
+    resize: Bool[Array, ""]
     done: Bool[Array, ""]
     result: Int[Array, ""]
     out: PyTree
@@ -93,7 +96,7 @@ def initial_state(params, z, ts, t0, dt0, capacity: int, records: int) -> ExactS
         idx=jnp.zeros(capacity, INDEX), n=scalar(0, INDEX), lam=jnp.zeros(capacity, dtype),
         pinv=jnp.eye(capacity, dtype=dtype), lam_end=jnp.zeros(capacity, dtype),
         dt0=scalar(dt0, dtype), pending=scalar(False, bool), combined=scalar(False, bool),
-        grow=scalar(False, bool), done=scalar(False, bool), result=scalar(0, INDEX), out=out,
+        resize=scalar(False, bool), done=scalar(False, bool), result=scalar(0, INDEX), out=out,
         filled=jnp.zeros(ts.shape[0], bool),
         stats={k: scalar(0, INDEX) for k in STAT_NAMES},
         ev_t=jnp.zeros(records, dtype), ev_kind=jnp.zeros(records, jnp.int8),
@@ -113,18 +116,29 @@ def repad(state: ExactState, capacity: int) -> ExactState:
     lam = jnp.zeros((*lead, capacity), state.lam.dtype)
     pinv = jnp.broadcast_to(jnp.eye(capacity, dtype=state.pinv.dtype), (*lead, capacity, capacity))
     return eqx.tree_at(
-        lambda s: (s.idx, s.lam, s.pinv, s.lam_end, s.grow), state,
+        lambda s: (s.idx, s.lam, s.pinv, s.lam_end, s.resize), state,
         (idx, lam.at[..., :m].set(state.lam[..., :m]),
          pinv.at[..., :m, :m].set(state.pinv[..., :m, :m]),
-         lam.at[..., :m].set(state.lam_end[..., :m]), jnp.zeros_like(state.grow)))
+         lam.at[..., :m].set(state.lam_end[..., :m]), jnp.zeros_like(state.resize)))
 
 
-def next_capacity(k: int) -> int:
-    """The sliding capacity after `k`: 0 (nothing slides: the loop compiles without the
-    sliding solves), then 8, 16, 32, ...: a solve whose sliding set reaches K entries compiles
-    twice up to K = 8, ceil(log2 K) - 1 times above (each capacity >= 4 costs ~14 s of
-    tracing and compiling on 2 CPU cores, a padded entry next to nothing)."""
+def next_capacity(k: int, n: int | None = None) -> int:
+    """The sliding capacity after `k` for a set of `n` entries: with `n` at most k / 4 (a set
+    that shrank, `shrinks`), the smallest power of two >= max(8, 2 n); else the next larger:
+    0 (nothing slides: the loop compiles without the sliding solves), then 8, 16, 32, ...: a
+    solve whose sliding set reaches K entries compiles twice up to K = 8, ceil(log2 K) - 1
+    times above (each capacity >= 4 costs ~14 s of tracing and compiling on 2 CPU cores). A
+    smaller capacity is one compiled before: the cost of an event follows the capacity, not
+    the set (Fig 2 network, 3 entries sliding: 0.146 s per event at capacity 128 against
+    0.079 s at 8 and 16, `scripts/kinks_fig2_rate.py`)."""
+    if n is not None and shrinks(k, n):
+        return max(8, 1 << max(0, 2 * n - 1).bit_length())
     return max(8, 2 * k)
+
+
+def shrinks(k, n):
+    """A sliding set of `n` entries moves to a smaller capacity than `k` (`next_capacity`)."""
+    return (k > 8) & (4 * n <= k)
 
 
 class Layout(eqx.Module):
