@@ -129,8 +129,8 @@ def next_capacity(k: int, n: int | None = None) -> int:
     solve whose sliding set reaches K entries compiles twice up to K = 8, ceil(log2 K) - 1
     times above (each capacity >= 4 costs ~14 s of tracing and compiling on 2 CPU cores). A
     smaller capacity is one compiled before: the cost of an event follows the capacity, not
-    the set (Fig 2 network, 3 entries sliding: 0.146 s per event at capacity 128 against
-    0.079 s at 8 and 16, `scripts/kinks_fig2_rate.py`)."""
+    the set (Fig 2 network from t = 10, at most 15 entries sliding: 0.146 s per event at
+    capacity 128 against 0.077 s at 16, `scripts/kinks_fig2_projection.py`)."""
     if n is not None and shrinks(k, n):
         return max(8, 1 << max(0, 2 * n - 1).bit_length())
     return max(8, 2 * k)
