@@ -4,10 +4,12 @@ over the same first events, in one process.
 
 Each path first runs the same `--events` events (compiling), then again from t = 0, timed
 (compilations inside the timed run are reported). Both must meet the same events at the
-same times (1e-12 relative) before their times are compared. The projection to t = 20
-scales the host loop's measured 6.52 h (63,417 events,
-`benchmarks/results/kinks_fig2_exact_t20.json`) by the ratio of the two rates: it assumes
-the ratio measured early holds where hundreds of entries slide.
+same times (1e-12 relative) before their times are compared. `projected_t20_h` scales the
+host loop's measured 6.52 h (63,417 events, `benchmarks/results/kinks_fig2_exact_t20.json`)
+by the ratio of the two rates, as if the ratio measured early held where hundreds of
+entries slide (it does not: the compiled loop gains more there);
+`scripts/kinks_fig2_projection.py` projects from the cost per event at each sliding
+capacity instead.
 
     python scripts/kinks_fig2_rate.py [--events 600] [--out F.json]
 """
