@@ -138,14 +138,17 @@ def test_capacity_shrinks_with_the_sliding_set(monkeypatch):
     assert seen == []
 
 
-def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("capacity", [0, 32])
+def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch, capacity):
     # A solve run in chunks of one event, written to its checkpoint after each, then killed and
-    # resumed, ends bitwise equal to the solve run in one call.
+    # resumed, ends bitwise equal to the solve run in one call; also through a capacity that
+    # comes down (32 -> 8) after the first event.
     from flowsim._exact import checkpoint
 
     loss = _problem()
     net = _member(_nets(16, 0), 5)
-    whole = flowsim.gradient_flow(net, loss, T, **TOL)
+    kinks = dict(capacity=capacity)
+    whole = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(**kinks), **TOL)
     assert int(whole.stats["num_events"]) >= 3
     monkeypatch.setattr(checkpoint, "CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(solve, "_FIRST_CHUNK", 1)
@@ -161,14 +164,17 @@ def test_chunks_and_checkpoint_resume_bitwise(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "run", killed)
     path = tmp_path / "run.npz"
     with pytest.raises(KeyboardInterrupt):
-        flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(checkpoint=path), **TOL)
+        flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(checkpoint=path, **kinks),
+                              **TOL)
     info = checkpoint.checkpoint_info(path)
     assert not info["done"] and 0 < info["t"] < T and info["stats"]["num_events"] >= 1
+    if capacity:
+        assert info["capacity"] == 8  # written after the capacity came down
     saved = checkpoint.checkpoint_info(path, states=True)
     assert saved["filled"].shape == (2,) and saved["saved"][0].shape[0] == 2
     monkeypatch.setattr(driver, "run", run)
-    resumed = flowsim.gradient_flow(net, loss, T, kinks=flowsim.ExactKinks(checkpoint=path),
-                                    **TOL)
+    resumed = flowsim.gradient_flow(net, loss, T, **TOL,
+                                    kinks=flowsim.ExactKinks(checkpoint=path, **kinks))
     for a, b in zip(jax.tree.leaves(eqx.filter(whole.models, eqx.is_inexact_array)),
                     jax.tree.leaves(eqx.filter(resumed.models, eqx.is_inexact_array))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
