@@ -1,6 +1,7 @@
 """The Du–Hu–Lee Fig 2 problem shared by the full-size scripts, and their common flags."""
 
 import argparse
+import json
 
 import jax.random as jr
 
@@ -14,6 +15,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="points (and input dimension)")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     return p
+
+
+def report(row: dict, out: str | None) -> None:
+    """Prints `row` as JSON and, with `--out`, writes it there."""
+    print(json.dumps(row, indent=1))
+    if out:
+        with open(out, "w") as f:
+            json.dump(row, f, indent=1)
 
 
 def fig2_problem(n: int = 1000):

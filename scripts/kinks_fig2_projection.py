@@ -127,10 +127,7 @@ def main():
             shrinking = seconds_per_event(model, loss, t0, 128, args.events, args.rtol, True)
             print("started at 128, shrinking", json.dumps(shrinking), flush=True)
     row = project(rates, shrinking, args)
-    print(json.dumps(row, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=1)
+    _fig2.report(row, args.out)
 
 
 if __name__ == "__main__":

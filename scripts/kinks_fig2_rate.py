@@ -14,7 +14,6 @@ capacity instead.
     python scripts/kinks_fig2_rate.py [--events 600] [--out F.json]
 """
 
-import json
 import time
 
 import _fig2
@@ -77,10 +76,7 @@ def main():
     ratio = row["host"]["s_per_event"] / row["compiled"]["s_per_event"]
     row["speedup"] = ratio
     row["projected_t20_h"] = HOST_T20_S / ratio / 3600
-    print(json.dumps(row, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=1)
+    _fig2.report(row, args.out)
 
 
 if __name__ == "__main__":
