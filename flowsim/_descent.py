@@ -21,6 +21,7 @@ from ._problem import (
     format_bytes,
     split_batch,
 )
+from ._programs import release_if_crowded
 from ._results import RESULTS, from_codes
 from ._trajectory import Trajectory
 
@@ -259,6 +260,7 @@ def gradient_descent(
     assert traj.loss[-1] < traj.loss[0]
     ```
     """
+    release_if_crowded()
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int | np.integer) \

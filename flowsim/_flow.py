@@ -21,6 +21,7 @@ from ._jit import Memo, bind, is_immutable_array
 from ._members import batch_execution, loop_threads, map_members, members
 from ._precision import lowest_precision, warn_tolerance_precision
 from ._problem import check_finite_inputs, check_loss, check_model, split_batch
+from ._programs import release_if_crowded
 from ._results import RESULTS, from_codes, report_failures
 from ._solvers import (
     SOLVERS,
@@ -164,6 +165,7 @@ def gradient_flow(
     assert float(traj.loss[-1]) < 1e-12
     ```
     """
+    release_if_crowded()
     t0, t1, ts_arr = _check_times(t0, t1, ts, max_steps)
     _check_dt0(dt0)
     rtol, atol = _tolerances(stepsize_controller, rtol, atol)

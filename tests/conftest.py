@@ -55,10 +55,22 @@ def getkey():
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compilation_caches():
     """Each test file ends by dropping JAX's compiled programs: a worker runs dozens of files,
-    and XLA has crashed (SIGSEGV inside a compile) late in long-lived workers, never in a
-    fresh process. A file's own tests still share what they compile."""
+    and each compiled program holds memory mappings (~3,000 for a small exact-kink event
+    loop) against the process's vm.max_map_count (`flowsim._programs`). A file's own tests
+    still share what they compile."""
     yield
     jax.clear_caches()
     import gc
 
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _room_for_programs():
+    """After each test, the check `gradient_flow` makes at its start: tests that compile
+    through lower-level calls count too. A worker whose programs reached the limit died
+    inside LLVM's next compilation (SIGSEGV)."""
+    yield
+    from flowsim._programs import release_if_crowded
+
+    release_if_crowded()

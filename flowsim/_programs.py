@@ -1,0 +1,91 @@
+"""Compiled programs held in memory, against the process's limit on memory mappings.
+
+XLA's CPU backend loads every kernel of a compiled program into memory mappings of its own
+(code, constants, data: ~3 per kernel), and Linux allows a process `vm.max_map_count` of them
+(65,530 by default). A small network's exact-kink event loop has ~1,000 kernels: one solve of
+the 3 -> 7 -> 5 -> 2 MLP of `scripts/kinks_first_call.py` adds ~3,000 mappings. About twenty
+such programs held at once and the next compilation fails inside LLVM ("Cannot allocate
+memory"), and the process dies (SIGSEGV): a sweep over many network sizes, a long notebook, a
+test run. `jax.clear_caches()` gives the mappings back (4,074 -> 883 after that solve).
+
+`release_if_crowded` does that, at the start of `gradient_flow` and `gradient_descent`, when
+the process holds more than `CROWDED` of its limit; later calls recompile what they need.
+"""
+
+import gc
+import logging
+import threading
+
+import jax
+
+try:
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - JAX moved it: never release (never wrongly)
+    def _trace_state_clean() -> bool:
+        return False
+
+logger = logging.getLogger("flowsim")
+
+MAPS = "/proc/self/maps"
+LIMIT = "/proc/sys/vm/max_map_count"
+
+CROWDED = 0.5
+"""Share of `vm.max_map_count` above which compiled programs are dropped: half leaves room for
+one call's own programs (an exact-kink solve through every sliding capacity of the Fig 2
+network, 1000 -> 100 -> 100 -> 10, compiles 8 event loops)."""
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = [0]  # XLA compilations since the last look at the mappings
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def map_limit() -> int | None:
+    """`vm.max_map_count`, or None where the system has no such file (not Linux)."""
+    return _read_int(LIMIT)
+
+
+def mappings() -> int | None:
+    """The memory mappings this process holds (lines of /proc/self/maps), or None."""
+    try:
+        with open(MAPS, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return None
+
+
+def release_if_crowded() -> bool:
+    """Drops JAX's compiled programs (`jax.clear_caches()`) when this process holds more than
+    `CROWDED` of its memory-mapping limit. Returns whether it did.
+
+    Looks only after XLA compiled something since the last look (reading /proc/self/maps
+    costs ~1 ms per 10,000 mappings), from the main thread, and outside any trace: a program
+    another thread is running, or one being traced, is never pulled from under it."""
+    if not _compiles[0] or threading.current_thread() is not threading.main_thread() \
+            or not _trace_state_clean():
+        return False
+    _compiles[0] = 0
+    limit, used = map_limit(), mappings()
+    if limit is None or used is None or used < CROWDED * limit:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    logger.info("released compiled programs: the process held %d memory mappings of its "
+                "limit %d (vm.max_map_count), %s now; later calls recompile", used, limit,
+                mappings())
+    _compiles[0] = 0
+    return True

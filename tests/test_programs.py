@@ -1,0 +1,89 @@
+"""Compiled programs are dropped before the process runs out of memory mappings
+(`flowsim._programs`)."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import flowsim
+from flowsim import _programs
+
+pytestmark = pytest.mark.skipif(_programs.mappings() is None or _programs.map_limit() is None,
+                                reason="no /proc/self/maps or vm.max_map_count (not Linux)")
+
+
+def _compiled_fn():
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)
+    f(jnp.arange(7.0)).block_until_ready()
+    assert f._cache_size() == 1 and _programs._compiles[0] > 0
+    return f
+
+
+def _crowded(monkeypatch):
+    # A limit the process already holds more than CROWDED of.
+    monkeypatch.setattr(_programs, "map_limit", lambda: _programs.mappings())
+
+
+def test_mappings_are_counted():
+    used, limit = _programs.mappings(), _programs.map_limit()
+    assert 100 < used < limit
+    fs = [jax.jit(lambda x, i=i: jnp.cos(x) + i) for i in range(20)]
+    for f in fs:
+        f(jnp.ones(3)).block_until_ready()
+    # ~6 mappings per small compiled program on XLA's CPU backend.
+    assert _programs.mappings() > used + 20
+
+
+def test_release_when_crowded(monkeypatch):
+    f = _compiled_fn()
+    _crowded(monkeypatch)
+    assert _programs.release_if_crowded()
+    assert f._cache_size() == 0 and _programs._compiles[0] == 0
+    # Nothing compiled since: no second look, however crowded.
+    assert not _programs.release_if_crowded()
+
+
+def test_kept_below_the_limit(monkeypatch):
+    f = _compiled_fn()
+    monkeypatch.setattr(_programs, "map_limit", lambda: 10 * _programs.mappings())
+    assert not _programs.release_if_crowded()
+    assert f._cache_size() == 1
+
+
+def test_never_from_another_thread_or_inside_a_trace(monkeypatch):
+    f = _compiled_fn()
+    _crowded(monkeypatch)
+    released = []
+    t = threading.Thread(target=lambda: released.append(_programs.release_if_crowded()))
+    t.start()
+    t.join()
+
+    @jax.jit
+    def traced(x):
+        released.append(_programs.release_if_crowded())
+        return x + 1.0
+
+    traced(jnp.ones(2))
+    assert released == [False, False] and f._cache_size() == 1
+
+
+def test_gradient_flow_releases_then_recompiles(monkeypatch):
+    X, Y = jr.normal(jr.key(0), (6, 2)), jr.normal(jr.key(1), (6, 1))
+    net = flowsim.models.MLP((2, 3, 1), "tanh", key=jr.key(2))
+    loss = flowsim.losses.square(X, Y)
+
+    def solve():
+        return flowsim.gradient_flow(net, loss, 1.0, solver="tsit5", rtol=1e-8, atol=1e-8)
+
+    first = solve()
+    _programs._compiles[0] = 0
+    solve()
+    assert _programs._compiles[0] == 0  # compiled once, reused
+    _programs._compiles[0] = 1
+    _crowded(monkeypatch)
+    again = solve()  # released at its start, so compiled anew
+    assert _programs._compiles[0] > 0
+    assert jnp.array_equal(again.loss, first.loss)
