@@ -35,6 +35,7 @@ CROWDED = 0.5
 one call's own programs (an exact-kink solve through every sliding capacity of the Fig 2
 network, 1000 -> 100 -> 100 -> 10, compiles 8 event loops)."""
 
+# Recorded for every program XLA compiles, and for one loaded from the persistent cache.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = [0]  # XLA compilations since the last look at the mappings
 

@@ -87,3 +87,39 @@ def test_gradient_flow_releases_then_recompiles(monkeypatch):
     again = solve()  # released at its start, so compiled anew
     assert _programs._compiles[0] > 0
     assert jnp.array_equal(again.loss, first.loss)
+
+
+def test_programs_loaded_from_the_disk_cache_count(tmp_path):
+    # A program loaded from JAX's persistent cache holds its mappings too: it must count.
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path / "jax"),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {k: getattr(jax.config, k) for k in settings}
+    hits = []
+
+    def listen(event, **kwargs):
+        hits.append(event)
+
+    try:
+        for k, v in settings.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
+        x = jnp.arange(3.0)
+        f = jax.jit(lambda x: jnp.tanh(x) * 5.0 - x)
+        f(x).block_until_ready()
+        assert any((tmp_path / "jax").iterdir())  # written to disk
+        jax.clear_caches()
+        _programs._compiles[0] = 0
+        jax.monitoring.register_event_listener(listen)
+        hits.append("registered")
+        f(x).block_until_ready()  # loaded from disk
+        assert "/jax/compilation_cache/cache_hits" in hits
+        assert _programs._compiles[0] == 1
+    finally:
+        if hits:
+            jax.monitoring.unregister_event_listener(listen)
+        for k, v in before.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
