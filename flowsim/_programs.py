@@ -4,7 +4,7 @@ XLA's CPU backend loads every kernel of a compiled program into memory mappings 
 (code, constants, data: ~3 per kernel), and Linux allows a process `vm.max_map_count` of them
 (65,530 by default). A small network's exact-kink event loop has ~1,000 kernels: the first
 solve of the 3 -> 7 -> 5 -> 2 MLP of `scripts/kinks_first_call.py` takes the process from
-1,045 mappings to 4,074, and `jax.clear_caches()` back to 882
+1,044 mappings to 3,891, and `jax.clear_caches()` back to 880
 (benchmarks/results/kinks_first_call.json). About twenty such programs held at once and the
 next compilation fails inside LLVM ("Cannot allocate memory") and the process dies (SIGSEGV):
 a sweep over many network sizes, a long notebook, a test run.

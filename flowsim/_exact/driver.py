@@ -98,23 +98,31 @@ def _release_value(y, args):
     return ctx.problem.cond(n > 0, value, lambda: jnp.asarray(jnp.inf, mask.dtype))
 
 
-def _crossing_cond(t, y, args, **kwargs):
+def _crossing_value(y, args):
     """min_j s_j z_j + offset_j over entries off their surfaces (weighted to 1 at the piece's
-    start); with `combined`, the minimum of that and the release condition."""
-    del t, kwargs
+    start)."""
     ctx, mask, sl, n, sign, offset, combined = args
     p, z1 = _split(y)
     z = ctx.problem.pre(p, mask, z1)
-    value = jnp.min(jnp.where(sign == 0, jnp.inf, sign * z + offset))
-    return ctx.problem.cond(combined & (n > 0), lambda: jnp.minimum(value, _release_value(y, args)),
-                    lambda: value)
+    return jnp.min(jnp.where(sign == 0, jnp.inf, sign * z + offset))
+
+
+def _crossing_cond(t, y, args, **kwargs):
+    """The crossing condition; +inf with `combined` (`_release_cond` holds it then)."""
+    del t, kwargs
+    return jnp.where(args[-1], jnp.inf, _crossing_value(y, args))
 
 
 def _release_cond(t, y, args, **kwargs):
+    """The release condition; with `combined`, the minimum of it and the crossing condition.
+    The release value (the sliding slopes' solve) appears in this condition only: XLA inlines
+    a copy of the solve at every place an event condition is evaluated (the piece's start,
+    every step's end, the root find), and the crossing condition is a forward pass."""
     del t, kwargs
-    combined = args[-1]
-    return args[0].problem.cond(combined, lambda: jnp.asarray(jnp.inf, args[1].dtype),
-                                lambda: _release_value(y, args), rare="false")
+    ctx, combined = args[0], args[-1]
+    release = _release_value(y, args)
+    return ctx.problem.cond(combined, lambda: jnp.minimum(_crossing_value(y, args), release),
+                            lambda: release)
 
 
 def _piece(ctx, s: ExactState, ts, t1, solver, controller, max_steps):

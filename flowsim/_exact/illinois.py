@@ -45,8 +45,10 @@ class Illinois(optx.AbstractRootFinder):
         lower, upper = options["lower"], options["upper"]
         dtype = jnp.result_type(lower, upper, float)
         lower, upper = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
-        f_lower = _total(fn(lower, args)[0])
-        f_upper = _total(fn(upper, args)[0])
+        # Both ends through one call site (a two-step loop): the event function holds the
+        # sliding slopes' solve, and XLA inlines a copy of it at every call site.
+        f_lower, f_upper = jax.lax.map(lambda t: _total(fn(t, args)[0]),
+                                       jnp.stack([lower, upper]))
         # Rounding can leave the detected sign change unbracketed: treat the ends as +0 / -0.
         f_lower = jnp.maximum(f_lower, jnp.finfo(dtype).tiny)
         f_upper = jnp.minimum(f_upper, 0.0)
