@@ -260,7 +260,6 @@ def gradient_descent(
     assert traj.loss[-1] < traj.loss[0]
     ```
     """
-    release_if_crowded()
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int | np.integer) \
@@ -293,6 +292,7 @@ def gradient_descent(
         stats={"diverged_at": div, "ledger_bound": bound},
         batched=batched,
     )
+    release_if_crowded()
     _report_divergence(div, throw)
     return traj
 

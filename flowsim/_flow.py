@@ -165,7 +165,6 @@ def gradient_flow(
     assert float(traj.loss[-1]) < 1e-12
     ```
     """
-    release_if_crowded()
     t0, t1, ts_arr = _check_times(t0, t1, ts, max_steps)
     _check_dt0(dt0)
     rtol, atol = _tolerances(stepsize_controller, rtol, atol)
@@ -194,6 +193,7 @@ def gradient_flow(
         batched=batched, solver=type(solver).__name__, events=events,
         kinks=plan.kinks,
     )
+    release_if_crowded()
     if not isinstance(result._value, jax.core.Tracer):
         report_failures(result, stats["t_reached"], throw, max_steps, details, t0)
     return traj

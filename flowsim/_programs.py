@@ -9,8 +9,9 @@ solve of the 3 -> 7 -> 5 -> 2 MLP of `scripts/kinks_first_call.py` takes the pro
 next compilation fails inside LLVM ("Cannot allocate memory") and the process dies (SIGSEGV):
 a sweep over many network sizes, a long notebook, a test run.
 
-`release_if_crowded` does that, at the start of `gradient_flow` and `gradient_descent`, when
-the process holds more than `CROWDED` of its limit; later calls recompile what they need.
+`release_if_crowded` does that, at the end of `gradient_flow` and `gradient_descent` (after
+what they compiled), when the process holds more than `CROWDED` of its limit; later calls
+recompile what they need.
 """
 
 import gc
@@ -35,9 +36,16 @@ CROWDED = 0.5
 one call's own programs (an exact-kink solve through every sliding capacity of the Fig 2
 network, 1000 -> 100 -> 100 -> 10, compiles 8 event loops)."""
 
+PROGRAM_MAPPINGS = 10_000
+"""What one compiled program is assumed to add at most: looks at the mappings are skipped
+while fewer compilations than (CROWDED x limit - mappings at the last look) / this happened
+since. Reading /proc/self/maps costs ~1 ms per 1,000 mappings (23 ms at 20,793), too much
+for every call; the small exact solve's programs (two capacities) add 2,665."""
+
 # Recorded for every program XLA compiles, and for one loaded from the persistent cache.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = [0]  # XLA compilations since the last look at the mappings
+_allowance = [0]  # compilations that cannot reach the threshold, from the last look
 
 
 def _count_compile(event: str, duration: float, **kwargs) -> None:
@@ -74,20 +82,24 @@ def release_if_crowded() -> bool:
     """Drops JAX's compiled programs (`jax.clear_caches()`) when this process holds more than
     `CROWDED` of its memory-mapping limit. Returns whether it did.
 
-    Looks only after XLA compiled something since the last look (reading /proc/self/maps
-    costs ~1 ms per 10,000 mappings), from the main thread, and outside any trace: a program
-    another thread is running, or one being traced, is never pulled from under it."""
-    if not _compiles[0] or threading.current_thread() is not threading.main_thread() \
-            or not _trace_state_clean():
+    Looks only after more compilations than `_allowance` since the last look (see
+    `PROGRAM_MAPPINGS`), from the main thread, and outside any trace: a program another
+    thread is running, or one being traced, is never pulled from under it."""
+    if _compiles[0] <= _allowance[0] or threading.current_thread() is not \
+            threading.main_thread() or not _trace_state_clean():
         return False
     _compiles[0] = 0
     limit, used = map_limit(), mappings()
-    if limit is None or used is None or used < CROWDED * limit:
+    if limit is None or used is None:
+        _allowance[0] = 2**62  # nothing to watch
+        return False
+    if used < CROWDED * limit:
+        _allowance[0] = int((CROWDED * limit - used) // PROGRAM_MAPPINGS)
         return False
     jax.clear_caches()
     gc.collect()
     logger.info("released compiled programs: the process held %d memory mappings of its "
                 "limit %d (vm.max_map_count), %s now; later calls recompile", used, limit,
                 mappings())
-    _compiles[0] = 0
+    _compiles[0] = _allowance[0] = 0
     return True

@@ -67,7 +67,7 @@ def _fresh_compilation_caches():
 
 @pytest.fixture(autouse=True)
 def _room_for_programs():
-    """After each test, the check `gradient_flow` makes at its start: tests that compile
+    """After each test, the check `gradient_flow` makes at its end: tests that compile
     through lower-level calls count too. A worker whose programs reached the limit died
     inside LLVM's next compilation (SIGSEGV)."""
     yield

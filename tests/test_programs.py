@@ -39,6 +39,7 @@ def test_mappings_are_counted():
 
 def test_release_when_crowded(monkeypatch):
     f = _compiled_fn()
+    _programs._allowance[0] = 0
     _crowded(monkeypatch)
     assert _programs.release_if_crowded()
     assert f._cache_size() == 0 and _programs._compiles[0] == 0
@@ -48,6 +49,7 @@ def test_release_when_crowded(monkeypatch):
 
 def test_kept_below_the_limit(monkeypatch):
     f = _compiled_fn()
+    _programs._allowance[0] = 0
     monkeypatch.setattr(_programs, "map_limit", lambda: 10 * _programs.mappings())
     assert not _programs.release_if_crowded()
     assert f._cache_size() == 1
@@ -55,6 +57,7 @@ def test_kept_below_the_limit(monkeypatch):
 
 def test_never_from_another_thread_or_inside_a_trace(monkeypatch):
     f = _compiled_fn()
+    _programs._allowance[0] = 0
     _crowded(monkeypatch)
     released = []
     t = threading.Thread(target=lambda: released.append(_programs.release_if_crowded()))
@@ -82,11 +85,42 @@ def test_gradient_flow_releases_then_recompiles(monkeypatch):
     _programs._compiles[0] = 0
     solve()
     assert _programs._compiles[0] == 0  # compiled once, reused
-    _programs._compiles[0] = 1
+    _programs._compiles[0], _programs._allowance[0] = 1, 0
     _crowded(monkeypatch)
-    again = solve()  # released at its start, so compiled anew
-    assert _programs._compiles[0] > 0
+    solve()  # looks at its end: crowded, so releases
+    assert _programs._compiles[0] == 0
+    monkeypatch.setattr(_programs, "map_limit", lambda: 10 * _programs.mappings())
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == _programs._COMPILE_EVENT:
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        again = solve()  # compiled anew
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled
     assert jnp.array_equal(again.loss, first.loss)
+
+
+def test_looks_are_spaced_by_the_room_left(monkeypatch):
+    # Reading /proc/self/maps costs ~1 ms per 1,000 mappings: after a look, the next waits
+    # for as many compilations as could not reach the threshold at PROGRAM_MAPPINGS each.
+    _programs._compiles[0], _programs._allowance[0] = 1, 0
+    used = _programs.mappings()
+    room = 5 * _programs.PROGRAM_MAPPINGS
+    monkeypatch.setattr(_programs, "map_limit", lambda: int((used + room) / _programs.CROWDED))
+    assert not _programs.release_if_crowded()
+    assert 4 <= _programs._allowance[0] <= 5
+    looked = []
+    monkeypatch.setattr(_programs, "mappings", lambda: looked.append(1) or used)
+    _programs._compiles[0] = _programs._allowance[0]
+    assert not _programs.release_if_crowded() and not looked  # within the allowance
+    _programs._compiles[0] += 1
+    _programs.release_if_crowded()
+    assert looked == [1]
 
 
 def test_programs_loaded_from_the_disk_cache_count(tmp_path):
