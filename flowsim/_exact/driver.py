@@ -67,8 +67,8 @@ class _Context(eqx.Module):
     # vmapped batch shares one capacity).
     shrink: bool = eqx.field(static=True, default=False)
 
-    def sliding(self, s_idx, n, dtype, lam=None, pinv=None):
-        return sliding_arrays(self.layout, s_idx, n, self.per_point, dtype, lam, pinv)
+    def sliding(self, s_idx, n, dtype, lam=None, pinv=None, guess=None):
+        return sliding_arrays(self.layout, s_idx, n, self.per_point, dtype, lam, pinv, guess)
 
 
 def _vector_field(t, y, args):
@@ -329,14 +329,11 @@ def _one_sided_rates(ctx, s: ExactState, pos, mask, idx, n, j):
         m = mask.at[j].set(side)
 
         def with_slopes():
-            def guessed():
-                return solve_slopes(problem, s.p, m,
-                                    ctx.sliding(idx, n, dtype, s.lam, s.pinv))
-
-            def fresh():
-                return solve_slopes(problem, s.p, m, ctx.sliding(idx, n, dtype))
-
-            m_s, _, field = problem.cond(same, guessed, fresh, rare="false")
+            # From the last piece's guess while the set is that piece's, else fresh from 0:
+            # one traced solve for both (`_Sliding.guess`).
+            lam = jnp.where(same, s.lam, 0.0)
+            m_s, _, field = solve_slopes(problem, s.p, m,
+                                         ctx.sliding(idx, n, dtype, lam, s.pinv, same))
             return m_s, field
 
         if k:
@@ -360,18 +357,14 @@ def _settle_slopes(ctx, s: ExactState, delta, pos, same, marks, idx, n, stats, r
         mask, sign, offset, idx, n, lam, pinv, reuse, known_idx, known_lam, known_n, stats, \
             rec, _ = c
 
-        def from_piece():
-            g = slope_guess(problem, s.p, mask, ctx.sliding(idx, n, dtype, s.lam_end, s.pinv))
-            return g.lam, g.pinv
-
-        def fresh():
-            hit_known = (idx[:, None] == known_idx[None, :]) & (pos[None, :] < known_n)
-            warm = jnp.where(pos < n, jnp.sum(jnp.where(hit_known, known_lam[None, :], 0.0),
-                                              axis=1), 0.0)
-            g = slope_guess(problem, s.p, mask, ctx.sliding(idx, n, dtype, warm))
-            return g.lam, g.pinv
-
-        lam, pinv = problem.cond(reuse, from_piece, fresh, rare="false")
+        # From the last piece's guess (`reuse`), else fresh from the slopes known before
+        # the set changed: one traced solve for both (`_Sliding.guess`).
+        hit_known = (idx[:, None] == known_idx[None, :]) & (pos[None, :] < known_n)
+        warm = jnp.where(pos < n, jnp.sum(jnp.where(hit_known, known_lam[None, :], 0.0),
+                                          axis=1), 0.0)
+        g = slope_guess(problem, s.p, mask, ctx.sliding(
+            idx, n, dtype, jnp.where(reuse, s.lam_end, warm), s.pinv, reuse))
+        lam, pinv = g.lam, g.pinv
         valid = pos < n
         out = valid & ~((_RELEASE_TOL < lam) & (lam < 1 - _RELEASE_TOL))
         first = jnp.argmax(out).astype(INDEX)

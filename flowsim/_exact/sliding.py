@@ -47,6 +47,9 @@ class _Sliding(eqx.Module):
     sub: jax.Array | None = None
     lam: jax.Array | None = None
     pinv: jax.Array | None = None
+    # With `pinv`: a traced choice between the guess (True) and a fresh start at `lam`
+    # (False, as without `pinv`), so that one traced solve serves both.
+    guess: jax.Array | None = None
 
 
 def _solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
@@ -102,11 +105,20 @@ def _solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
         start = zeros if sl.lam is None else jnp.where(valid, sl.lam, 0.0)
         J_start = masked(jac(start))
         pinv = problem._inverse(J_start)
-    else:
+    elif sl.guess is None:
         start, pinv = jnp.where(valid, sl.lam, 0.0), sl.pinv
+    else:
+        start = jnp.where(valid, sl.lam, 0.0)
+        pinv = problem.cond(sl.guess, lambda: sl.pinv,
+                            lambda: problem._inverse(masked(jac(start))), rare="false")
     # Where Newton restarts if a chord step fails: the start without a guess, else 0 (the
     # last piece's slopes, whose chord iterations failed, are no better).
-    restart = start if sl.pinv is None else zeros
+    if sl.pinv is None:
+        restart = start
+    elif sl.guess is None:
+        restart = zeros
+    else:
+        restart = jnp.where(sl.guess, zeros, start)
     lam, newton_ran, J = _iterate(problem, residual, jac, masked, start, restart, pinv, eye)
     lam = jnp.where(valid, lam, 0.0)
     if jacobian:
@@ -116,8 +128,12 @@ def _solve_slopes(problem, p, mask, sl, jacobian=False, z1=None):
         # the last piece's guess, theta has moved) a fresh one.
         if sl.pinv is None:
             return lam, problem.cond(newton_ran, lambda: problem._inverse(J), lambda: pinv)
-        J = problem.cond(newton_ran, lambda: J, lambda: masked(jac(lam)), rare="false")
-        return lam, problem._inverse(J)
+        if sl.guess is None:
+            J = problem.cond(newton_ran, lambda: J, lambda: masked(jac(lam)), rare="false")
+            return lam, problem._inverse(J)
+        J = problem.cond(~newton_ran & sl.guess, lambda: masked(jac(lam)), lambda: J)
+        return lam, problem.cond(~newton_ran & ~sl.guess, lambda: pinv,
+                                 lambda: problem._inverse(J), rare="false")
     return with_slopes(lam), lam, field_at(lam)
 
 

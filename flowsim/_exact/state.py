@@ -169,20 +169,21 @@ class Layout(eqx.Module):
 
 
 def sliding_arrays(layout: Layout, idx, n, per_point: bool, dtype, lam=None,
-                   pinv=None) -> _Sliding:
+                   pinv=None, guess=None) -> _Sliding:
     """The `_Sliding` of entries `idx[:n]` (in-graph): their points (sorted, padded with 0),
-    each entry's slot among them and column in its point's row, and the guess `lam`, `pinv`."""
+    each entry's slot among them and column in its point's row, and the guess `lam`, `pinv`
+    (with `guess`, used where it is True; see `_Sliding`)."""
     k = idx.shape[0]
     valid = jnp.arange(k, dtype=INDEX) < n
     if not per_point:
-        return _Sliding(idx, valid, lam=lam, pinv=pinv)
+        return _Sliding(idx, valid, lam=lam, pinv=pinv, guess=guess)
     _, point, _, col = layout.locate(idx)
     big = jnp.iinfo(point.dtype).max
     pts = jnp.unique(jnp.where(valid, point, big), size=k, fill_value=big)
     pts_valid = pts < big
     slot = jnp.where(valid, jnp.searchsorted(pts, point), 0)
     return _Sliding(idx, valid, jnp.where(pts_valid, pts, 0), pts_valid.astype(dtype), slot,
-                    col, lam, pinv)
+                    col, lam, pinv, guess)
 
 
 def compact(idx, keep):
